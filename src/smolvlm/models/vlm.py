@@ -1,0 +1,150 @@
+"""The vision-language model: vision encoder -> connector -> image tokens spliced into the decoder.
+
+pixels (B, I, 3, H, W) -> real images (N, 3, H, W) -> VisionEncoder (N, P, Dv)
+    -> Connector (N, P/s^2, Dt) -> placed at the `<image>` token positions of the text embeddings
+    -> Decoder (B, T, Dt) -> lm_head -> logits (B, T, V)
+
+A model with `vision=None` is a plain language model (e.g. SmolLM2 read from GGUF): same decoder,
+no images. Module names follow Hugging Face's SmolVLMForConditionalGeneration minus its `model.`
+prefix, so checkpoints map 1:1 (see checkpoint.py).
+"""
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from smolvlm.errors import SmolVLMError
+from smolvlm.models.connector import Connector
+from smolvlm.models.decoder import Decoder, DecoderConfig, KVCache
+from smolvlm.models.vision import VisionConfig, VisionEncoder
+
+
+@dataclass
+class VLMConfig:
+    text: DecoderConfig = field(default_factory=DecoderConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)  # None: text-only model
+    scale_factor: int = 4  # pixel-shuffle factor of the connector
+    image_token_id: int = 49190
+
+    @property
+    def image_seq_len(self) -> int:
+        """Decoder tokens per image tile."""
+        assert self.vision is not None
+        return self.vision.patches_per_side**2 // self.scale_factor**2
+
+
+# SmolVLM-256M: SigLIP-B/16 at 512 px + SmolLM2-135M; SmolVLM-500M: same encoder + SmolLM2-360M.
+PRESETS: dict[str, VLMConfig] = {
+    "smolvlm-256m": VLMConfig(),
+    "smolvlm-500m": VLMConfig(
+        text=DecoderConfig(hidden_size=960, intermediate_size=2560, num_layers=32, num_heads=15, num_kv_heads=5)
+    ),
+    # for tests: the real 49280-token vocabulary, everything else tiny
+    "tiny": VLMConfig(
+        text=DecoderConfig(
+            hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+            rope_theta=10000.0, max_position_embeddings=2048,
+        ),
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=32,
+                            patch_size=8),
+        scale_factor=2,
+    ),
+}
+
+
+def preset(name: str) -> VLMConfig:
+    if name not in PRESETS:
+        raise SmolVLMError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]
+    return replace(cfg, text=replace(cfg.text), vision=replace(cfg.vision) if cfg.vision else None)
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.vision is not None:
+            self.vision_model = VisionEncoder(cfg.vision)
+            self.connector = Connector(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.scale_factor)
+        self.text_model = Decoder(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.text_model.embed_tokens.weight
+
+    @property
+    def has_vision(self) -> bool:
+        return self.cfg.vision is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """pixel_values (B, I, 3, H, W) as the processor pads them; pixel_attention_mask (B, I, H, W).
+        Returns the projected tokens of the real images, in order: (N, image_seq_len, Dt)."""
+        if not self.has_vision:
+            raise SmolVLMError("this model has no vision encoder (a text-only checkpoint); drop the images")
+        b, i = pixel_values.shape[:2]
+        pixels = pixel_values.reshape(b * i, *pixel_values.shape[2:]).to(self.dtype)
+        # the processor pads a batch's image lists with all-zero images; skip them (as SmolVLM does)
+        real = (pixels != 0).flatten(1).any(dim=1)
+        real[0] |= ~real.any()
+        pixels = pixels[real]
+        if pixel_attention_mask is None:
+            patch_mask = None
+        else:
+            ps = self.cfg.vision.patch_size
+            mask = pixel_attention_mask.reshape(b * i, *pixel_attention_mask.shape[2:])[real]  # (N, H, W)
+            n, h, w = mask.shape
+            h, w = h // ps * ps, w // ps * ps
+            mask = mask[:, :h, :w]
+            # a patch is real if any of its pixels is
+            patch_mask = mask.reshape(n, h // ps, ps, w // ps, ps).any(dim=4).any(dim=2)  # (N, h, w)
+        return self.connector(self.vision_model(pixels, patch_mask))
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with the image tokens (N, L, D) written over the `<image>` positions."""
+        x = self.text_model.embed_tokens(input_ids)
+        slots = input_ids == self.cfg.image_token_id
+        n_slots = int(slots.sum())
+        if image_embeds is None:
+            if n_slots:
+                raise SmolVLMError(f"the prompt has {n_slots} <image> tokens but no image was given")
+            return x
+        if n_slots != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise SmolVLMError(
+                f"the prompt has {n_slots} <image> tokens but the images give "
+                f"{image_embeds.shape[0] * image_embeds.shape[1]}; build prompts with the processor"
+            )
+        return x.masked_scatter(slots[..., None], image_embeds.to(x.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        pixel_values: torch.Tensor | None = None,  # (B, I, 3, H, W)
+        pixel_attention_mask: torch.Tensor | None = None,  # (B, I, H, W)
+        image_embeds: torch.Tensor | None = None,  # (N, L, D), instead of pixel_values (reuse across turns)
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, over cache + new tokens
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        cache: KVCache | None = None,
+        last_only: bool = False,  # logits of the last position only (generation)
+    ) -> torch.Tensor:
+        if pixel_values is not None:
+            image_embeds = self.encode_images(pixel_values, pixel_attention_mask)
+        x = self.embed(input_ids, image_embeds)
+        t = input_ids.shape[1]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                # left padding: positions count real tokens only (as HF generate does)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+            else:
+                position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(x.shape[0], t)
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        h = self.text_model(x, position_ids, key_mask, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
