@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from reference import make_hf_smolvlm
 from smolvlm.special_tokens import smolvlm_added_tokens
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -44,39 +45,6 @@ def smolvlm_tokenizer_dir(tmp_path_factory, gguf_path):
     out = tmp_path_factory.mktemp("smolvlm-tokenizer")
     tok.save_pretrained(out)
     return out
-
-
-TINY_TEXT = dict(
-    model_type="llama", vocab_size=49280, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-    max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-)
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=32, patch_size=8)
-
-
-def make_hf_smolvlm(folder: Path, tokenizer_dir: Path, seed: int = 0, tie: bool = False):
-    """A tiny random SmolVLM saved by transformers, with a real tokenizer and image processor config.
-    Tiles of 32 px, 8 px patches, scale factor 2 -> 4 image tokens per tile."""
-    import shutil
-
-    import torch
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-
-    torch.manual_seed(seed)
-    cfg = SmolVLMConfig(text_config=dict(TINY_TEXT, tie_word_embeddings=tie), vision_config=TINY_VISION,
-                        scale_factor=2, image_token_id=49190, tie_word_embeddings=tie)
-    model = SmolVLMForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # transformers' init leaves some tensors at 0/1; make every weight matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(folder)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
-    SmolVLMImageProcessorPil(size={"longest_edge": 96}, max_image_size={"longest_edge": 32}).save_pretrained(folder)
-    (folder / "processor_config.json").write_text('{"image_seq_len": 4, "processor_class": "SmolVLMProcessor"}')
-    return model
 
 
 @pytest.fixture(scope="session")

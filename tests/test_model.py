@@ -4,13 +4,11 @@ logits within 1e-4 in float32, identical greedy tokens, cache/no-cache equality,
 import pytest
 import torch
 
+from reference import prompt_ids
 from smolvlm.checkpoint import build_model, config_from_hf, hf_key_to_ours
 from smolvlm.generation import SamplingParams, generate_ids
 from smolvlm.models.connector import pixel_shuffle
 from smolvlm.models.vlm import VLM, preset
-
-IMG = 49190
-TOKENS_PER_TILE = 4
 
 
 def ours_from_hf(hf_model) -> VLM:
@@ -18,14 +16,6 @@ def ours_from_hf(hf_model) -> VLM:
     state = {hf_key_to_ours(k, False): v.clone() for k, v in hf_model.state_dict().items()}
     state = {k: v for k, v in state.items() if k is not None}
     return build_model(cfg, state, "test")
-
-
-def prompt_ids(n_tiles_per_image: list[int], text_before=(11126, 42), text_after=(9519, 9531, 42)):
-    """Token ids with one block of <image> tokens per image (the layout is the processor's business)."""
-    ids = list(text_before)
-    for n in n_tiles_per_image:
-        ids += [49189] + [IMG] * (TOKENS_PER_TILE * n) + [49189, 198]
-    return torch.tensor([ids + list(text_after)])
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from smolvlm.errors import SmolVLMError
 from smolvlm.models.decoder import KVCache

