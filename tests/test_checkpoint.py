@@ -129,7 +129,7 @@ def test_assemble_siglip_and_gguf_decoder_loads_in_transformers(tmp_path, gguf_p
     assert processor.tokenizer.token_to_id("<end_of_utterance>") == 49279
     vision_sd = siglip.state_dict()
     assert torch.equal(model.vision_model.encoder["layers"][1].mlp.fc2.weight,
-                       vision_sd["vision_model.encoder.layers.1.mlp.fc2.weight"])
+                       vision_sd["encoder.layers.1.mlp.fc2.weight"])
     save(model, processor, tmp_path / "vlm")
     hf = SmolVLMForConditionalGeneration.from_pretrained(tmp_path / "vlm", dtype=torch.float32).eval()
     text = processor.apply_chat_template(

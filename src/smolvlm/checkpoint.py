@@ -392,11 +392,12 @@ def load_siglip_vision(path: str | Path, dtype: torch.dtype) -> tuple[VisionConf
     if hf.get("model_type") not in ("siglip", "siglip_vision_model", "smolvlm", "idefics3"):
         raise SmolVLMError(f"{folder} is a {hf.get('model_type')!r} checkpoint, not a SigLIP vision encoder")
     cfg = vision_config_from_hf(vc)
-    keep = ("vision_model.embeddings.", "vision_model.encoder.", "vision_model.post_layernorm.")
+    keep = ("embeddings.", "encoder.", "post_layernorm.")
 
     def key_map(k: str) -> str | None:
-        k = k.removeprefix("model.")
-        return k if k.startswith(keep) else None  # drops SigLIP's pooling head and text tower
+        # SiglipModel / SmolVLM name the tower `(model.)vision_model.*`; a saved SiglipVisionModel has no prefix
+        k = k.removeprefix("model.").removeprefix("vision_model.")
+        return "vision_model." + k if k.startswith(keep) else None  # drops the pooling head and text tower
 
     return cfg, read_safetensors(safetensors_files(folder), key_map, dtype)
 

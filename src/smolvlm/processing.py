@@ -1,0 +1,658 @@
+"""SmolVLM's processor: images -> tiles -> pixel_values, prompts -> image-token blocks -> input_ids.
+
+A flat re-implementation of transformers' `SmolVLMProcessor` + `SmolVLMImageProcessorPil` (v5.24) that
+gives the same tensors bit for bit, with only pillow, numpy, torch, tokenizers and jinja2.
+
+Pixels, per image (every resize is a PIL resize of a uint8 RGB image with the config's filter, LANCZOS):
+  1. to RGB; images with transparency (an "A" band or a `transparency` entry) are put over white
+  2. resize so that the longest edge is `longest_edge` (up or down); the other edge is made even
+  3. resize up to multiples of the tile size `max_image_size`
+  4. cut into rows x cols tiles + the whole image squeezed into one tile (the "global image");
+     an image that is already a single tile stays one frame (rows = cols = 0)
+  5. rescale (x * 1/255 in float64, stored as float32), normalize ((x - mean) / std in float32)
+  6. pad each prompt's frames to the batch's largest count with zero frames; pixel_attention_mask
+     marks the real pixels
+Text: each `<image>` becomes `<fake_token_around_image><row_r_col_c><image>*image_seq_len` per tile
+(a newline after each row), then `\n<fake_token_around_image><global-img><image>*n<fake_token_around_image>`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import torch
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tokenizers import AddedToken, Tokenizer, processors
+
+from smolvlm.errors import SmolVLMError
+from smolvlm.special_tokens import END_OF_UTTERANCE, FAKE_IMAGE, GLOBAL_IMAGE, IMAGE, row_col_token
+
+# The chat template of the released SmolVLM-256M-Instruct, used when a checkpoint brings none.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+MAX_IMAGE_SIZE = 4096  # transformers caps any resize at 4k per side
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+@dataclass
+class ImageProcessingConfig:
+    """Mirrors the preprocessor_config.json of SmolVLM checkpoints (defaults: SmolVLM-256M)."""
+
+    do_convert_rgb: bool = True
+    do_resize: bool = True
+    longest_edge: int = 2048  # size["longest_edge"]
+    max_image_size: int = 512  # max_image_size["longest_edge"] == the vision encoder's tile size
+    resample: int = 1  # PIL.Image.LANCZOS
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    do_image_splitting: bool = True
+    do_pad: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageProcessingConfig:
+        """From a preprocessor_config.json dict; keys that don't change the pixels are ignored."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known and v is not None}
+        for key, out in (("size", "longest_edge"), ("max_image_size", "max_image_size")):
+            v = d.get(key)
+            if isinstance(v, dict):
+                if "longest_edge" not in v:
+                    raise SmolVLMError(f"preprocessor config {key}={v} is not supported; SmolVLM needs "
+                                       f'{{"longest_edge": N}}')
+                kw[out] = v["longest_edge"]
+            elif isinstance(v, int):
+                kw[out] = v
+        for key in ("image_mean", "image_std"):  # a single number means the same for the 3 channels
+            if key in kw:
+                v = kw[key]
+                kw[key] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3
+                if len(kw[key]) != 3:
+                    raise SmolVLMError(f"preprocessor config {key}={v} must have 3 values (RGB)")
+        cfg = cls(**kw)
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> dict:
+        """A preprocessor_config.json that transformers' SmolVLMImageProcessor(Pil) loads."""
+        d = asdict(self)
+        d["size"] = {"longest_edge": d.pop("longest_edge")}
+        d["max_image_size"] = {"longest_edge": d.pop("max_image_size")}
+        d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
+        d["image_processor_type"] = "SmolVLMImageProcessor"
+        d["processor_class"] = "SmolVLMProcessor"
+        return d
+
+    def check(self) -> None:
+        if self.max_image_size <= 0 or self.longest_edge <= 0:
+            raise SmolVLMError(f"image sizes must be positive (longest_edge={self.longest_edge}, "
+                               f"max_image_size={self.max_image_size})")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Read an image file fully (so a truncated file fails here, not later) and turn it upright
+    (EXIF orientation), as transformers' `load_image` does. The mode is kept: RGB conversion
+    (transparency over white) is the processor's job."""
+    p = Path(path)
+    if not p.exists():
+        raise SmolVLMError(f"image file {p} does not exist; check the path")
+    if not p.is_file():
+        raise SmolVLMError(f"{p} is not a file; pass the path of an image file")
+    try:
+        img = Image.open(p)
+    except UnidentifiedImageError:
+        raise SmolVLMError(f"{p} is not an image Pillow can read (unsupported format or not an image); "
+                           "convert it to PNG or JPEG") from None
+    except Image.DecompressionBombError as e:
+        raise SmolVLMError(f"{p} is too large to open safely ({e}); downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SmolVLMError(f"image {p} is corrupt or unreadable ({e}); check the file, or re-export it") from None
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise SmolVLMError(f"image {p} is corrupt or truncated ({e}); re-export or re-download it") from None
+    return img
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb: transparent images (an "A" band, or a palette/tRNS transparency)
+    are composited over white, everything else goes through PIL's convert("RGB")."""
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise SmolVLMError(f"cannot convert a {image.mode!r} image to RGB ({e}); save it as an RGB PNG or JPEG"
+                           ) from None
+
+
+def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """(h, w) with the longest edge == longest_edge, the other edge truncated then made even; then
+    both capped at 4096. The float expressions are transformers' own (w / (w / h), not w * h / w)."""
+    aspect = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest_edge
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    # _resize_output_size_scale_below_upper_bound
+    aspect = width / height
+    if width >= height and width > MAX_IMAGE_SIZE:
+        width = MAX_IMAGE_SIZE
+        height = int(width / aspect)
+    elif height > width and height > MAX_IMAGE_SIZE:
+        height = MAX_IMAGE_SIZE
+        width = int(height * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def tile_grid_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """(h, w) rounded up to multiples of the tile; the short edge follows the long edge's new aspect."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return height, width
+
+
+def resize(image: Image.Image, height: int, width: int, resample: int) -> Image.Image:
+    return image.resize((width, height), resample=resample)
+
+
+def image_frames(image: Image.Image, cfg: ImageProcessingConfig) -> tuple[list[np.ndarray], int, int]:
+    """One image -> its frames (each (h, w, 3) uint8: rows*cols tiles then the global image, or one
+    frame), rows, cols."""
+    if not isinstance(image, Image.Image):
+        raise SmolVLMError(f"images must be PIL images or file paths, got {type(image).__name__}")
+    if cfg.do_convert_rgb:
+        image = to_rgb(image)
+    elif image.mode != "RGB":
+        raise SmolVLMError(f"a {image.mode!r} image needs RGB conversion; set do_convert_rgb=True")
+    r, tile = cfg.resample, cfg.max_image_size
+    if cfg.do_resize:
+        image = resize(image, *longest_edge_size(image.height, image.width, cfg.longest_edge), r)
+    if not cfg.do_image_splitting:
+        return [np.asarray(resize(image, tile, tile, r))], 0, 0
+    image = resize(image, *tile_grid_size(image.height, image.width, tile), r)
+    h, w = image.height, image.width
+    if h <= tile and w <= tile:
+        return [np.asarray(image)], 0, 0
+    rows, cols = (h - tile) // tile + 1, (w - tile) // tile + 1
+    pixels = np.asarray(image)  # (h, w, 3)
+    frames = [pixels[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile] for i in range(rows) for j in range(cols)]
+    frames.append(np.asarray(resize(image, tile, tile, r)))  # the global image
+    return frames, rows, cols
+
+
+def normalize_frame(frame: np.ndarray, cfg: ImageProcessingConfig) -> np.ndarray:
+    """(h, w, 3) uint8 -> (3, h, w) float32 with transformers' exact dtypes: the rescale multiplies in
+    float64 and stores float32; the normalize subtracts and divides in float32."""
+    x = frame.transpose(2, 0, 1)
+    if cfg.do_rescale:
+        x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    if cfg.do_normalize:
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float32)
+        mean = np.array(cfg.image_mean, dtype=x.dtype)[:, None, None]
+        std = np.array(cfg.image_std, dtype=x.dtype)[:, None, None]
+        x = (x - mean) / std
+    return x.astype(np.float32, copy=False)
+
+
+def nest_images(images: Any, n_texts: int) -> list[list[Any]]:
+    """None | image | [image, ...] (one prompt) | [[image, ...], ...] (one list per prompt)."""
+    if images is None:
+        return []
+    if isinstance(images, (Image.Image, str, Path)):
+        return [[images]]
+    images = list(images)
+    if images and all(isinstance(x, (list, tuple)) for x in images):
+        return [list(x) for x in images]
+    if any(isinstance(x, (list, tuple)) for x in images):
+        raise SmolVLMError("images must be one list of images per prompt (or a flat list for one prompt)")
+    if n_texts > 1:
+        raise SmolVLMError(f"got {n_texts} prompts and a flat list of images; pass one list of images per prompt")
+    return [images]
+
+
+# ---------------------------------------------------------------------------------------------
+# chat templates
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; we render it as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson: no HTML escaping, unlike jinja's
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(template: str) -> jinja2.Template:
+    """The jinja environment transformers renders chat templates with."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def _plain(value: Any) -> Any:
+    """Only JSON-like data reaches the template (image objects in content parts become a placeholder)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return f"<{type(value).__name__}>"
+
+
+def _template_reads_parts(template: str) -> bool:
+    """Does the template walk content parts (`x['type']`), like SmolVLM's, or print content as a string?"""
+    return re.search(r"""\[\s*['"]type['"]\s*\]|\.type\b""", template) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# the processor
+
+
+def _token_str(v: Any) -> str | None:
+    """A special token from tokenizer_config.json: a string or a serialized AddedToken."""
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SmolVLMError(f"{path} is not a readable JSON file ({e}); restore it from the checkpoint") from None
+    if not isinstance(d, dict):
+        raise SmolVLMError(f"{path} should hold a JSON object; restore it from the checkpoint")
+    return d
+
+
+class Processor:
+    """Tokenizer + SmolVLM image processing + chat template; `processor(text, images)` gives the model's
+    inputs. `image_config` is None for a text-only model."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_config: ImageProcessingConfig | None,
+        image_seq_len: int,
+        chat_template: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        *,
+        bos_token: str | None = None,
+        unk_token: str | None = None,
+        clean_up_tokenization_spaces: bool = False,
+        tokenizer_config: dict | None = None,
+    ):
+        if tokenizer.padding is not None or tokenizer.truncation is not None:
+            # our own copy without them: we pad per batch ourselves and never truncate (like the processor)
+            tokenizer = Tokenizer.from_str(tokenizer.to_str())
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.image_seq_len = int(image_seq_len)
+        if image_config is not None and chat_template is None:
+            chat_template = SMOLVLM_CHAT_TEMPLATE
+        self.chat_template = chat_template
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.tokenizer_config = dict(tokenizer_config or {})  # other fields, written back by save_pretrained
+
+        def first_known(*candidates):
+            return next((t for t in candidates if t is not None and tokenizer.token_to_id(t) is not None), None)
+
+        self.eos_token = eos_token if eos_token is not None else first_known("<|im_end|>", "<|endoftext|>", "</s>")
+        self.pad_token = pad_token if pad_token is not None else self.eos_token
+        self.bos_token, self.unk_token = bos_token, unk_token
+        tid = tokenizer.token_to_id
+        self.bos_token_id = tid(bos_token) if bos_token is not None else None
+        self.pad_token_id = tid(self.pad_token) if self.pad_token is not None else None
+        eos_id = tid(self.eos_token) if self.eos_token is not None else None
+        self.eos_token_ids: list[int] = [eos_id] if eos_id is not None else []
+        self.end_of_utterance_id = tid(END_OF_UTTERANCE)
+        self.image_token_id = tid(IMAGE)
+        if image_config is not None:
+            image_config.check()
+            missing = [t for t in (IMAGE, FAKE_IMAGE, GLOBAL_IMAGE) if tid(t) is None]
+            if missing:
+                raise SmolVLMError(f"the tokenizer lacks SmolVLM's image tokens {missing}; use a SmolVLM tokenizer")
+            if self.image_seq_len <= 0:
+                raise SmolVLMError(f"image_seq_len must be positive for a vision model, got {image_seq_len}")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def has_vision(self) -> bool:
+        return self.image_config is not None
+
+    # -- loading and saving -----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> Processor:
+        """Read tokenizer.json, tokenizer_config.json, the chat template (processor_config.json's
+        "chat_template", chat_template.json, chat_template.jinja, tokenizer_config.json, in transformers'
+        order of precedence), preprocessor_config.json and processor_config.json (image_seq_len)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SmolVLMError(f"{folder} is not a folder; pass a checkpoint folder with tokenizer.json")
+        if not (folder / "tokenizer.json").is_file():
+            raise SmolVLMError(f"{folder} has no tokenizer.json; smolvlm needs a fast (tokenizers) tokenizer")
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception on bad files
+            raise SmolVLMError(f"{folder / 'tokenizer.json'} is not a valid tokenizer ({e})") from None
+
+        def optional(name: str) -> dict:
+            return _read_json(folder / name) if (folder / name).is_file() else {}
+
+        tok_cfg, proc_cfg = optional("tokenizer_config.json"), optional("processor_config.json")
+        model_cfg, gen_cfg = optional("config.json"), optional("generation_config.json")
+        specials = {k: _token_str(tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        _apply_transformers_tokenizer_fixups(tokenizer, tok_cfg, specials)
+
+        chat_template = proc_cfg.get("chat_template")
+        if chat_template is None and (folder / "chat_template.json").is_file():
+            chat_template = _read_json(folder / "chat_template.json").get("chat_template")
+        if chat_template is None and (folder / "chat_template.jinja").is_file():
+            chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if chat_template is None:
+            chat_template = tok_cfg.get("chat_template")
+        if isinstance(chat_template, list):  # the old named-templates format
+            chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
+
+        image_config, image_seq_len = None, 0
+        if (folder / "preprocessor_config.json").is_file():
+            image_config = ImageProcessingConfig.from_dict(_read_json(folder / "preprocessor_config.json"))
+            image_seq_len = proc_cfg.get("image_seq_len")
+            if image_seq_len is None:  # older checkpoints: from the model config, as SmolVLM computes it
+                vc = model_cfg.get("vision_config") or {}
+                if not all(k in vc for k in ("image_size", "patch_size")) or "scale_factor" not in model_cfg:
+                    raise SmolVLMError(f"{folder} has no processor_config.json with image_seq_len and no "
+                                       "config.json to compute it from; add processor_config.json")
+                image_seq_len = (vc["image_size"] // vc["patch_size"]) ** 2 // model_cfg["scale_factor"] ** 2
+        elif "vision_config" in model_cfg:
+            raise SmolVLMError(f"{folder} holds a vision model but no preprocessor_config.json; "
+                               "copy it from the original checkpoint")
+
+        proc = cls(
+            tokenizer, image_config, image_seq_len, chat_template=chat_template,
+            eos_token=specials["eos_token"], pad_token=specials["pad_token"],
+            bos_token=specials["bos_token"], unk_token=specials["unk_token"],
+            clean_up_tokenization_spaces=bool(tok_cfg.get("clean_up_tokenization_spaces", False)),
+            tokenizer_config=tok_cfg,
+        )
+        extra = gen_cfg.get("eos_token_id")
+        for i in extra if isinstance(extra, list) else [extra]:
+            if isinstance(i, int) and i not in proc.eos_token_ids:
+                proc.eos_token_ids.append(i)
+        return proc
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """tokenizer.json, tokenizer_config.json, chat_template.jinja, and for a vision model
+        preprocessor_config.json and processor_config.json, as transformers lays them out."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(folder / "tokenizer.json"))
+        drop = {"chat_template", "added_tokens_decoder", "name_or_path", "tokenizer_file", "is_local",
+                "local_files_only", "auto_map"}
+        cfg = {k: v for k, v in self.tokenizer_config.items() if k not in drop}
+        cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            cfg.pop(key, None)
+            if getattr(self, key) is not None:
+                cfg[key] = getattr(self, key)
+        cfg["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
+        if self.has_vision:
+            cfg["processor_class"] = "SmolVLMProcessor"
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        if self.chat_template is not None:
+            (folder / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+            if (folder / "chat_template.json").exists():  # the legacy file wins in transformers; keep it in sync
+                (folder / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}))
+        if self.has_vision:
+            (folder / "preprocessor_config.json").write_text(json.dumps(self.image_config.to_dict(), indent=2) + "\n")
+            proc = {"image_seq_len": self.image_seq_len, "processor_class": "SmolVLMProcessor"}
+            (folder / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+
+    # -- images -------------------------------------------------------------------------------------
+
+    def _require_vision(self) -> ImageProcessingConfig:
+        if self.image_config is None:
+            raise SmolVLMError("this model has no vision encoder (a text-only checkpoint); drop the images")
+        return self.image_config
+
+    def process_images(self, images: Any) -> dict:
+        """images: one list of PIL images (or paths) per prompt -> pixel_values float32 (B, I, 3, H, W),
+        pixel_attention_mask bool (B, I, H, W) (I = the most frames of any prompt), rows, cols
+        (per prompt, per image; 0, 0 for an unsplit image). Same values as SmolVLMImageProcessorPil;
+        its mask is int64 (we use bool), and it keeps uint8 pixels when both rescale and normalize are off
+        (we always give float32)."""
+        cfg = self._require_vision()
+        batch = nest_images(images, 1)
+        frames, rows, cols = [], [], []
+        for sample in batch:
+            f, r, c = [], [], []
+            for image in sample:
+                if isinstance(image, (str, Path)):
+                    image = open_image(image)
+                fi, ri, ci = image_frames(image, cfg)
+                f += [normalize_frame(x, cfg) for x in fi]
+                r.append(ri)
+                c.append(ci)
+            frames.append(f)
+            rows.append(r)
+            cols.append(c)
+        all_frames = [x for f in frames for x in f]
+        if not all_frames:
+            raise SmolVLMError("no images were given to process")
+        n = max(len(f) for f in frames)
+        h = max(x.shape[1] for x in all_frames)
+        w = max(x.shape[2] for x in all_frames)
+        if not cfg.do_pad:
+            if any(len(f) != n for f in frames) or any(x.shape[1:] != (h, w) for x in all_frames):
+                raise SmolVLMError("without do_pad every prompt needs the same number of same-sized frames; "
+                                   "set do_pad=True")
+            pixel_values = torch.from_numpy(np.stack([np.stack(f) for f in frames]))
+            return {"pixel_values": pixel_values, "rows": rows, "cols": cols}
+        pixel_values = np.zeros((len(frames), n, 3, h, w), dtype=np.float32)  # missing frames stay all-zero
+        mask = np.zeros((len(frames), n, h, w), dtype=bool)
+        for i, f in enumerate(frames):
+            for j, x in enumerate(f):
+                pixel_values[i, j, :, : x.shape[1], : x.shape[2]] = x
+                mask[i, j, : x.shape[1], : x.shape[2]] = True
+        return {"pixel_values": torch.from_numpy(pixel_values), "pixel_attention_mask": torch.from_numpy(mask),
+                "rows": rows, "cols": cols}
+
+    # -- text ---------------------------------------------------------------------------------------
+
+    def image_prompt(self, rows: int, cols: int) -> str:
+        """The token block that stands for one image of rows x cols tiles (+ global image)."""
+        tokens = IMAGE * self.image_seq_len
+        if rows == 0 and cols == 0:
+            return f"{FAKE_IMAGE}{GLOBAL_IMAGE}{tokens}{FAKE_IMAGE}"
+        if self.tokenizer.token_to_id(row_col_token(rows, cols)) is None:
+            raise SmolVLMError(
+                f"an image split into {rows}x{cols} tiles needs a {row_col_token(rows, cols)} token, which the "
+                "tokenizer lacks; lower longest_edge or raise max_image_size in the image config")
+        text = ""
+        for r in range(1, rows + 1):
+            text += "".join(f"{FAKE_IMAGE}{row_col_token(r, c)}{tokens}" for c in range(1, cols + 1)) + "\n"
+        return text + f"\n{FAKE_IMAGE}{GLOBAL_IMAGE}{tokens}{FAKE_IMAGE}"
+
+    def expand_prompt(self, text: str, rows: list[int], cols: list[int]) -> str:
+        """Replace the i-th `<image>` of text with image i's full token block."""
+        pieces = text.split(IMAGE)
+        if len(pieces) - 1 != len(rows) or len(rows) != len(cols):
+            raise SmolVLMError(f"the text has {len(pieces) - 1} {IMAGE} placeholders but {len(rows)} images were "
+                               f"given; put one {IMAGE} in the text per image")
+        out = [pieces[0]]
+        for r, c, piece in zip(rows, cols, pieces[1:], strict=True):
+            out += [self.image_prompt(r, c), piece]
+        return "".join(out)
+
+    def __call__(self, text: str | list[str], images: Any = None, padding_side: str = "left",
+                 add_special_tokens: bool = True) -> dict:
+        """input_ids (B, T) int64 and attention_mask (B, T) int64, padded with the pad token on
+        padding_side ("left" for generation, "right" for training); with images also pixel_values
+        (B, I, 3, H, W) float32 and pixel_attention_mask (B, I, H, W) bool."""
+        if padding_side not in ("left", "right"):
+            raise SmolVLMError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise SmolVLMError("text must be a string or a non-empty list of strings")
+        batch = nest_images(images, len(texts))
+        out: dict[str, Any] = {}
+        if any(batch):
+            self._require_vision()
+        if self.has_vision:
+            if batch and len(batch) != len(texts):
+                raise SmolVLMError(f"got {len(texts)} prompts but {len(batch)} lists of images; "
+                                   "pass one list of images per prompt")
+            counts = [t.count(IMAGE) for t in texts]
+            given = [len(b) for b in batch] if batch else [0] * len(texts)
+            if counts != given:
+                raise SmolVLMError(f"the prompts have {counts} {IMAGE} placeholders but {given} images were "
+                                   f"given; put one {IMAGE} in each prompt per image")
+            if any(given):
+                pixels = self.process_images(batch)
+                texts = [self.expand_prompt(t, r, c) for t, r, c in zip(texts, pixels["rows"], pixels["cols"],
+                                                                        strict=True)]
+                out = {k: v for k, v in pixels.items() if k not in ("rows", "cols")}
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        longest = max(len(x) for x in ids)
+        if any(len(x) != longest for x in ids) and self.pad_token_id is None:
+            raise SmolVLMError("prompts of different lengths need a pad token, and the tokenizer has none")
+        input_ids = torch.full((len(ids), longest), self.pad_token_id or 0, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, x in enumerate(ids):
+            span = slice(longest - len(x), longest) if padding_side == "left" else slice(0, len(x))
+            input_ids[i, span] = torch.tensor(x, dtype=torch.long)
+            attention_mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render the chat template with jinja2 as transformers does. Content may be a string or a list
+        of {"type": "image"} / {"type": "text", "text": ...} parts. A string becomes one text part for
+        templates that walk parts (SmolVLM's; transformers would render it as nothing there), and parts
+        are joined into one string, images as `<image>`, for templates that print content as a string
+        (e.g. SmolLM2's ChatML, where transformers would fail on a list)."""
+        if self.chat_template is None:
+            raise SmolVLMError("this model has no chat template; format the prompt yourself or pass chat_template=")
+        reads_parts = _template_reads_parts(self.chat_template)
+        chat = []
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m:
+                raise SmolVLMError(f"each chat message must be a dict with 'role' and 'content', got {m!r}")
+            m = {k: v for k, v in m.items() if v is not None}  # as transformers: a None key is a missing key
+            content = m.get("content")
+            if isinstance(content, (list, tuple)):
+                if not all(isinstance(p, dict) and "type" in p for p in content):
+                    raise SmolVLMError("message content parts must be dicts with a 'type' ('image' or 'text')")
+                if any(p["type"] == "image" for p in content):
+                    self._require_vision()
+                if not reads_parts:  # a string template: the parts in order, each image as its placeholder
+                    content = "".join(IMAGE if p["type"] == "image" else p.get("text", "") for p in content
+                                      if p["type"] in ("image", "text"))
+            elif isinstance(content, str) and reads_parts:
+                content = [{"type": "text", "text": content}]
+            m["content"] = content
+            chat.append(_plain(m))
+        special = {k: getattr(self, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+                   if getattr(self, k) is not None}
+        try:
+            return compile_chat_template(self.chat_template).render(
+                messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                **{**special, **_plain(kwargs)})
+        except jinja2.exceptions.TemplateError as e:
+            raise SmolVLMError(f"the chat template failed on these messages: {e}") from None
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self.clean_up_tokenization_spaces and type(self.tokenizer.model).__name__ != "BPE":
+            # transformers' clean_up_tokenization (it skips it for BPE tokenizers, which it would corrupt)
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+
+def _apply_transformers_tokenizer_fixups(tokenizer: Tokenizer, cfg: dict, specials: dict) -> None:
+    """What transformers' tokenizer loading does on top of tokenizer.json: special tokens named in
+    tokenizer_config.json but missing from the vocabulary are added, and an explicit add_bos_token /
+    add_eos_token rebuilds the post-processor (BOS/EOS around every encoded text)."""
+    named = [t for t in specials.values() if t is not None]
+    extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
+    extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+    missing = [t for t in named + [_token_str(t) for t in extra] if t is not None and tokenizer.token_to_id(t) is None]
+    if missing:
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
+    if "add_bos_token" in cfg or "add_eos_token" in cfg or tokenizer.post_processor is None:
+        bos, eos = specials["bos_token"], specials["eos_token"]
+        add_bos = bool(cfg.get("add_bos_token")) and bos is not None
+        add_eos = bool(cfg.get("add_eos_token")) and eos is not None
+        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+        special = ([(bos, tokenizer.token_to_id(bos))] if add_bos else []) + (
+            [(eos, tokenizer.token_to_id(eos))] if add_eos else [])
+        tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
