@@ -29,10 +29,10 @@ demo: $(VENV)/.installed
 	$(BIN)/smolvlm generate --model smollm2-135m-instruct --prompt "What is the capital of France?" --max-new-tokens 64
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 clean:
