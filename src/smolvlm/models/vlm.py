@@ -121,7 +121,7 @@ class VLM(nn.Module):
             )
         return x.masked_scatter(slots[..., None], image_embeds.to(x.dtype))
 
-    def forward(
+    def hidden_states(
         self,
         input_ids: torch.Tensor,  # (B, T)
         pixel_values: torch.Tensor | None = None,  # (B, I, 3, H, W)
@@ -130,8 +130,9 @@ class VLM(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, over cache + new tokens
         position_ids: torch.Tensor | None = None,  # (B, T)
         cache: KVCache | None = None,
-        last_only: bool = False,  # logits of the last position only (generation)
     ) -> torch.Tensor:
+        """The decoder's final (normed) hidden states (B, T, D); training picks the positions it needs
+        before the (large) vocabulary projection."""
         if pixel_values is not None:
             image_embeds = self.encode_images(pixel_values, pixel_attention_mask)
         x = self.embed(input_ids, image_embeds)
@@ -144,7 +145,22 @@ class VLM(nn.Module):
             else:
                 position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(x.shape[0], t)
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        h = self.text_model(x, position_ids, key_mask, cache)
+        return self.text_model(x, position_ids, key_mask, cache)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,  # logits of the last position only (generation)
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with last_only."""
+        h = self.hidden_states(input_ids, pixel_values, pixel_attention_mask, image_embeds, attention_mask,
+                               position_ids, cache)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

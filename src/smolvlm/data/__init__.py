@@ -1,0 +1,1 @@
+"""Datasets and data readers: the procedural shapes world (`smolvlm.data.shapes`) and friends."""
