@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer
 
 from smolvlm.errors import SmolVLMError
 from smolvlm.models.decoder import DecoderConfig
@@ -402,6 +403,23 @@ def load_siglip_vision(path: str | Path, dtype: torch.dtype) -> tuple[VisionConf
     return cfg, read_safetensors(safetensors_files(folder), key_map, dtype)
 
 
+def add_image_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of a SmolLM2-style tokenizer with SmolVLM's tokens appended (vocabulary padded by 128,
+    as SmolVLM pads SmolLM2's 49152 to 49280)."""
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    base = tokenizer.get_vocab_size()
+    added = smolvlm_added_tokens(base, base + 128)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    return tokenizer
+
+
+def vision_processor(text_processor: Processor, tokenizer: Tokenizer, image_config: ImageProcessingConfig,
+                     image_seq_len: int) -> Processor:
+    """A SmolVLM processor (SmolVLM's chat template) around a text model's tokenizer with image tokens."""
+    return Processor(tokenizer, image_config=image_config, image_seq_len=image_seq_len, chat_template=None,
+                     eos_token=text_processor.eos_token, pad_token=text_processor.pad_token)
+
+
 def assemble(
     vision: str | Path | VisionConfig,
     decoder: str | Path,
@@ -424,13 +442,7 @@ def assemble(
     if image_size is not None:
         vision_cfg = replace(vision_cfg, image_size=image_size)
 
-    # SmolVLM appends its tokens to SmolLM2's 49152 and pads the vocabulary by 128 (to 49280)
-    tokenizer = text_processor.tokenizer
-    base = tokenizer.get_vocab_size()
-    from tokenizers import AddedToken
-
-    added = smolvlm_added_tokens(base, base + 128)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    tokenizer = add_image_tokens(text_processor.tokenizer)
     text_cfg = replace(text_model.cfg.text, vocab_size=tokenizer.get_vocab_size())
     cfg = VLMConfig(text=text_cfg, vision=vision_cfg, scale_factor=scale_factor,
                     image_token_id=tokenizer.token_to_id(IMAGE))
@@ -456,13 +468,6 @@ def assemble(
                        if k.startswith("vision_model.")]
             if missing:
                 raise SmolVLMError(f"{vision}: the vision checkpoint lacks {missing[:3]}")
-    processor = Processor(
-        tokenizer,
-        image_config=ImageProcessingConfig(max_image_size=vision_cfg.image_size,
-                                           longest_edge=4 * vision_cfg.image_size),
-        image_seq_len=cfg.image_seq_len,
-        chat_template=None,  # SmolVLM's template
-        eos_token=text_processor.eos_token,
-        pad_token=text_processor.pad_token,
-    )
+    image_config = ImageProcessingConfig(max_image_size=vision_cfg.image_size, longest_edge=4 * vision_cfg.image_size)
+    processor = vision_processor(text_processor, tokenizer, image_config, cfg.image_seq_len)
     return model.eval(), processor
