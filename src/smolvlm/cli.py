@@ -2,12 +2,17 @@
 (SmolVLMError) end the program with one line on stderr and a non-zero exit code, never a traceback."""
 
 import argparse
+import importlib
 import json
 import sys
 
 from smolvlm.errors import SmolVLMError
 
 EXIT_USAGE = 2
+
+# Sub-commands that live beside the code they drive. Each module has `add_parser(subparsers)`, which
+# registers its sub-command with `set_defaults(func=...)`, and keeps heavy imports inside its functions.
+COMMAND_MODULES: list[str] = []
 
 
 def build_messages(prompt: str, n_images: int) -> list[dict]:
@@ -115,6 +120,9 @@ def make_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     a.add_argument("--seed", type=int, default=0, help="seed of the new weights' initialisation")
     a.set_defaults(func=cmd_assemble)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
