@@ -12,7 +12,7 @@ EXIT_USAGE = 2
 
 # Sub-commands that live beside the code they drive. Each module has `add_parser(subparsers)`, which
 # registers its sub-command with `set_defaults(func=...)`, and keeps heavy imports inside its functions.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["smolvlm.train"]
 
 
 def build_messages(prompt: str, n_images: int) -> list[dict]:

