@@ -12,7 +12,8 @@ EXIT_USAGE = 2
 
 # Sub-commands that live beside the code they drive. Each module has `add_parser(subparsers)`, which
 # registers its sub-command with `set_defaults(func=...)`, and keeps heavy imports inside its functions.
-COMMAND_MODULES: list[str] = ["smolvlm.train"]
+COMMAND_MODULES: list[str] = ["smolvlm.train", "smolvlm.demo", "smolvlm.serve.cli", "smolvlm.caption", "smolvlm.chat",
+                              "smolvlm.eval.score", "smolvlm.eval.runner"]
 
 
 def build_messages(prompt: str, n_images: int) -> list[dict]:

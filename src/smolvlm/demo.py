@@ -1,0 +1,324 @@
+"""`smolvlm demo`: the whole pipeline on a laptop CPU, offline, in minutes.
+
+    shapes world -> DIR/data/{test,compositional}/ (images + questions.jsonl + captions.jsonl)
+    train the demo model from scratch (DIR/runs/main) -> DIR/model (a SmolVLM checkpoint)
+    train a text-only ("blind") baseline on the same questions (DIR/runs/blind)
+    evaluate both on held-out questions -> DIR/metrics.json, DIR/*.png, DIR/report.md, a table
+
+Answers are generated greedily by the saved checkpoints loaded as `smolvlm generate` loads them
+(bfloat16), so asking `smolvlm generate --model DIR/model --image ... --prompt ...` gives the same answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from smolvlm.errors import SmolVLMError
+
+MARKER = "demo.json"  # marks a folder as a demo's, so --force never deletes anything else
+
+
+def normalize_answer(text: str) -> str:
+    """The demo's exact-match rule: lowercase, trim spaces and one final period."""
+    text = text.strip().lower()
+    return text[:-1].strip() if text.endswith(".") else text
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def ask_batch(model, processor, images, prompts: list[str], max_new_tokens: int, batch_size: int,
+              desc: str, progress: bool) -> list[str]:
+    """Greedy answers to one question each (an image per question, or none for a text-only model)."""
+    from smolvlm.generation import SamplingParams, generate_batch
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    answers: list[str] = []
+    steps = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    for start in steps:
+        chunk = prompts[start:start + batch_size]
+        if model.has_vision:
+            messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in chunk]
+            texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+            inputs = processor(texts, images=[[im] for im in images[start:start + batch_size]])
+        else:
+            texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": q}]}],
+                                                   add_generation_prompt=True) for q in chunk]
+            inputs = processor(texts)
+        answers += [r.text for r in generate_batch(model, processor, inputs, params)]
+    return answers
+
+
+def vqa_scores(rows: list[dict], answers: list[str]) -> dict:
+    per_type: dict[str, list[int]] = defaultdict(list)
+    for row, a in zip(rows, answers, strict=True):
+        per_type[row.get("type", "all")].append(int(normalize_answer(a) == normalize_answer(row["answer"])))
+    hits = [h for v in per_type.values() for h in v]
+    return {"accuracy": sum(hits) / max(1, len(hits)), "n": len(hits),
+            "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())}}
+
+
+def evaluate_model(model_dir: Path, data_dir: Path, batch_size: int = 64, progress: bool = True) -> dict:
+    """VQA accuracy (overall, per type) on test and compositional questions; caption CIDEr-D on test."""
+    import torch
+    from PIL import Image
+
+    from smolvlm.checkpoint import load
+    from smolvlm.eval.caption_metrics import score_captions
+    from smolvlm.train import CAPTION_PROMPT
+
+    model, processor = load(model_dir, "bfloat16")
+    result: dict = {}
+    t0 = time.time()
+    with torch.inference_mode():
+        for split in ("test", "compositional"):
+            rows = read_jsonl(data_dir / split / "questions.jsonl")
+            images = [Image.open(data_dir / split / r["image"]).convert("RGB") for r in rows] if model.has_vision \
+                else None
+            answers = ask_batch(model, processor, images, [r["question"] for r in rows], 6, batch_size,
+                                f"{model_dir.parent.name} {split} vqa", progress)
+            result[split] = vqa_scores(rows, answers)
+            result[split]["answers"] = answers
+        if model.has_vision:
+            caps = read_jsonl(data_dir / "test" / "captions.jsonl")
+            images = [Image.open(data_dir / "test" / c["image"]).convert("RGB") for c in caps]
+            preds = ask_batch(model, processor, images, [CAPTION_PROMPT] * len(caps), 48, batch_size,
+                              f"{model_dir.parent.name} captions", progress)
+            refs = {c["image"]: c["captions"] for c in caps}
+            cands = {c["image"]: p for c, p in zip(caps, preds, strict=True)}
+            result["caption_cider"] = score_captions(refs, cands, with_meteor=False).scores["CIDEr"]
+            result["captions"] = preds
+    result["eval_s"] = time.time() - t0
+    result["params"] = sum(p.numel() for p in model.parameters())
+    return result
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise SmolVLMError(f"{out} is not empty and is not a smolvlm demo folder; choose a new --out")
+        if not force:
+            raise SmolVLMError(f"{out} holds an earlier demo; pass --force to replace it or choose a new --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+
+def plot_results(out: Path, metrics: dict, main_rows: list[dict], blind_rows: list[dict]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no matplotlib: plots skipped; pip install 'smolvlm[train]')", file=sys.stderr)
+        return []
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    types = list(metrics["per_type"])
+    xs = range(len(types))
+    ax.bar([x - 0.2 for x in xs], [metrics["per_type"][t] for t in types], 0.4, label="model")
+    ax.bar([x + 0.2 for x in xs], [metrics["blind_per_type"][t] for t in types], 0.4, label="blind baseline")
+    ax.set_xticks(list(xs), types)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (held-out test)")
+    ax.axhline(0.6, color="gray", lw=0.6, ls=":")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_by_type.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for rows, label in ((main_rows, "model"), (blind_rows, "blind baseline")):
+        ax.plot([r["elapsed_s"] for r in rows], [r["loss"] for r in rows], lw=0.8, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("loss per answer token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+    return ["accuracy_by_type.png", "loss.png"]
+
+
+def sample_answers(model_dir: Path, data_dir: Path, n: int) -> list[dict]:
+    """A few test questions answered exactly as `smolvlm generate` answers them (one at a time)."""
+    from smolvlm.checkpoint import load
+    from smolvlm.cli import build_messages
+    from smolvlm.generation import SamplingParams, generate
+    from smolvlm.processing import open_image
+
+    model, processor = load(model_dir, "bfloat16")
+    rows = read_jsonl(data_dir / "test" / "questions.jsonl")
+    picked, seen = [], set()
+    for r in rows:  # one question per image, first n images
+        if r["image"] not in seen:
+            seen.add(r["image"])
+            picked.append(r)
+        if len(picked) == n:
+            break
+    out = []
+    for r in picked:
+        text = processor.apply_chat_template(build_messages(r["question"], 1), add_generation_prompt=True)
+        inputs = processor(text, images=[[open_image(data_dir / "test" / r["image"])]])
+        answer = generate(model, processor, inputs, SamplingParams(max_new_tokens=16)).text
+        out.append({**r, "prediction": answer, "correct": normalize_answer(answer) == normalize_answer(r["answer"])})
+    return out
+
+
+def write_report(out: Path, metrics: dict, samples: list[dict], plots: list[str]) -> None:
+    lines = [
+        "# smolvlm demo report", "",
+        f"Model: `{out / 'model'}` ({metrics['params'] / 1e6:.1f}M parameters), trained from scratch for "
+        f"{metrics['train_steps']} steps in {metrics['train_s']:.0f} s on this CPU; the blind (text-only) "
+        f"baseline for {metrics['blind_train_steps']} steps.", "",
+        "| | model | blind baseline |", "|---|---|---|",
+        f"| VQA accuracy (test, {metrics['n_test_questions']} questions) | {metrics['vqa_accuracy']:.3f} | "
+        f"{metrics['blind_vqa_accuracy']:.3f} |",
+    ]
+    for t in metrics["per_type"]:
+        lines.append(f"| {t} | {metrics['per_type'][t]:.3f} | {metrics['blind_per_type'][t]:.3f} |")
+    lines += [
+        f"| compositional split (held-out color+shape combos) | {metrics['compositional_accuracy']:.3f} | "
+        f"{metrics['blind_compositional_accuracy']:.3f} |",
+        f"| caption CIDEr-D (test) | {metrics['caption_cider']:.3f} | |", "",
+    ]
+    lines += [f"![{p}]({p})" for p in plots] + ["", "## Sample answers", "",
+                                                 "Re-ask any of them: `smolvlm generate --model "
+                                                 f"{out / 'model'} --image IMAGE --prompt QUESTION`", ""]
+    for s in samples:
+        mark = "right" if s["correct"] else "WRONG"
+        lines += [f"![{s['image']}](data/test/{s['image']})", "",
+                  f"**Q:** {s['question']}  **A (model):** {s['prediction']}  (truth: {s['answer']}, {mark})", ""]
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "report.md")
+
+
+def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] | None = None,
+             blind_steps: int | None = None, test_images: int = 300, compositional_images: int = 100,
+             force: bool = False, progress: bool = True) -> dict:
+    from smolvlm.data.shapes import ShapesWorld, WorldConfig
+    from smolvlm.train import Stage, resolve_config, train
+
+    t_start = time.time()
+    out = Path(out)
+    cfg = resolve_config(preset, None, overrides or [])
+    if cfg.data.source != "shapes":
+        raise SmolVLMError("the demo trains on the shapes world; leave data.source at 'shapes'")
+    prepare_out(out, force)
+
+    world = ShapesWorld(WorldConfig(**cfg.data.world), cfg.data.seed)
+    data_dir = out / "data"
+    world.export(data_dir, "test", test_images, questions_per_image=4, progress=progress)
+    world.export(data_dir, "compositional", compositional_images, questions_per_image=4, progress=progress)
+
+    print(f"training {preset} ({cfg.total_steps} steps)", file=sys.stderr)
+    main = train(cfg, out / "runs" / "main", progress=progress)
+    os.replace(main.model_dir, out / "model")
+
+    # the blind baseline: same recipe and data, no images; it learns the answer priors quickly
+    n_blind = blind_steps if blind_steps is not None else max(50, cfg.total_steps // 3)
+    blind_cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, blind=True),
+        stages=[Stage(name="blind", steps=n_blind, train=["decoder"],
+                      warmup_steps=min(cfg.stages[0].warmup_steps, n_blind // 2))],
+    )
+    print(f"training the blind baseline ({n_blind} steps)", file=sys.stderr)
+    blind = train(blind_cfg, out / "runs" / "blind", progress=progress)
+
+    seeing = evaluate_model(out / "model", data_dir, progress=progress)
+    blind_eval = evaluate_model(blind.model_dir, data_dir, progress=progress)
+    samples = sample_answers(out / "model", data_dir, 6)
+
+    from smolvlm.train import read_metrics
+
+    metrics = {
+        "vqa_accuracy": seeing["test"]["accuracy"],
+        "blind_vqa_accuracy": blind_eval["test"]["accuracy"],
+        "per_type": seeing["test"]["per_type"],
+        "blind_per_type": blind_eval["test"]["per_type"],
+        "compositional_accuracy": seeing["compositional"]["accuracy"],
+        "blind_compositional_accuracy": blind_eval["compositional"]["accuracy"],
+        "compositional_per_type": seeing["compositional"]["per_type"],
+        "caption_cider": seeing["caption_cider"],
+        "n_test_questions": seeing["test"]["n"],
+        "n_compositional_questions": seeing["compositional"]["n"],
+        "params": seeing["params"],
+        "train_steps": main.steps,
+        "blind_train_steps": blind.steps,
+        "train_s": round(main.wall_s, 1),
+        "blind_train_s": round(blind.wall_s, 1),
+        "eval_s": round(seeing["eval_s"] + blind_eval["eval_s"], 1),
+        "preset": preset,
+        "overrides": overrides or [],
+    }
+    plots = plot_results(out, metrics, read_metrics(out / "runs" / "main"), read_metrics(out / "runs" / "blind"))
+    write_report(out, metrics, samples, plots)
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(x) + "\n" for x in samples)
+    _write_predictions(out / "predictions.jsonl", data_dir, seeing, blind_eval)
+    metrics["wall_s"] = round(time.time() - t_start, 1)
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, out / "metrics.json")
+    return metrics
+
+
+def _write_predictions(path: Path, data_dir: Path, seeing: dict, blind: dict) -> None:
+    rows = read_jsonl(data_dir / "test" / "questions.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for r, a, b in zip(rows, seeing["test"]["answers"], blind["test"]["answers"], strict=True):
+            f.write(json.dumps({**r, "prediction": a, "blind_prediction": b}) + "\n")
+
+
+def format_table(m: dict) -> str:
+    rows = [("", "model", "blind"), ("VQA accuracy", f"{m['vqa_accuracy']:.3f}", f"{m['blind_vqa_accuracy']:.3f}")]
+    rows += [(f"  {t}", f"{v:.3f}", f"{m['blind_per_type'][t]:.3f}") for t, v in m["per_type"].items()]
+    rows += [("compositional", f"{m['compositional_accuracy']:.3f}", f"{m['blind_compositional_accuracy']:.3f}"),
+             ("caption CIDEr-D", f"{m['caption_cider']:.3f}", "-"),
+             ("train time (s)", f"{m['train_s']:.0f}", f"{m['blind_train_s']:.0f}")]
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{w}}  {b:>7}  {c:>7}" for a, b, c in rows)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="generate shapes data, train a VLM from scratch, evaluate it against a blind baseline",
+        description="The main job, offline on a CPU: make the shapes world's held-out data, train the demo "
+                    "model (preset shapes-tiny) and a text-only baseline, evaluate both, and write "
+                    "DIR/metrics.json, DIR/model/, DIR/data/test/, plots and DIR/report.md.",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, or an earlier demo with --force)")
+    p.add_argument("--preset", default="shapes-tiny", help="training preset (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
+    p.add_argument("--blind-steps", type=int, metavar="N", help="steps of the blind baseline (default: a third)")
+    p.add_argument("--test-images", type=int, default=300, metavar="N", help="test images (4 questions each)")
+    p.add_argument("--force", action="store_true", help="replace an earlier demo in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    m = run_demo(args.out, args.preset, args.overrides, args.blind_steps, args.test_images, force=args.force,
+                 progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(format_table(m))
+        print(f"\nwall time {m['wall_s']:.0f} s; metrics in {Path(args.out) / 'metrics.json'}, "
+              f"report in {Path(args.out) / 'report.md'}")
+    return 0

@@ -1,0 +1,165 @@
+"""`smolvlm score` on files people already have, and `smolvlm eval` end to end on every benchmark
+format with a tiny random model (scores near zero; what matters is that every path runs and resumes)."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import SHARED_FIXTURES
+from smolvlm.cli import main
+
+CAPTIONS = SHARED_FIXTURES / "caption-metrics"
+V = SHARED_FIXTURES / "vision-formats"
+FAST = ["--limit", "2", "--max-new-tokens", "3", "--batch-size", "4", "--threads", "1", "--no-progress", "--json"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------------- score
+def test_score_captions_dict_and_coco_formats(capsys, tmp_path):
+    code, out, _ = run(capsys, "score", "captions", "--refs", CAPTIONS / "refs.json",
+                       "--preds", CAPTIONS / "good_captions.json", "--json", "--no-meteor")
+    scores = json.loads(out)
+    assert code == 0 and f"{scores['CIDEr']:.4f}" == "0.5637" and f"{scores['BLEU-2']:.4f}" == "0.4899"
+    assert set(scores) >= {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}
+
+    refs = json.loads((CAPTIONS / "refs.json").read_text())
+    preds = json.loads((CAPTIONS / "bad_captions.json").read_text())
+    ids = {"image1": 391895, "image2": 522418}
+    coco = {"images": [{"id": i} for i in ids.values()] + [{"id": 7}],
+            "annotations": [{"id": n, "image_id": ids[k], "caption": c} for k in refs for n, c in enumerate(refs[k])]
+            + [{"id": 99, "image_id": 7, "caption": "an image nobody captioned"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": ids[k], "caption": c} for k, c in preds.items()]))
+    code, out, err = run(capsys, "score", "captions", "--refs", tmp_path / "ann.json", "--preds",
+                         tmp_path / "res.json", "--no-meteor")
+    assert code == 0 and "CIDEr    0.2790" in out and "ROUGE-L  0.3121" in out
+    assert "scored the 2 images" in err  # COCOEvalCap scores the images of the results file
+
+
+def test_score_captions_bad_input(capsys, tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    code, _, err = run(capsys, "score", "captions", "--refs", CAPTIONS / "refs.json", "--preds", tmp_path / "bad.json")
+    assert code == 2 and "not valid JSON (line 1" in err
+    (tmp_path / "one.json").write_text('{"image1": "a cat"}')
+    code, _, err = run(capsys, "score", "captions", "--refs", CAPTIONS / "refs.json", "--preds", tmp_path / "one.json")
+    assert code == 2 and "1 id(s) without a candidate (e.g. 'image2')" in err
+    (tmp_path / "three.json").write_text('{"image1": "a", "image2": "b", "image3": "c"}')
+    code, _, err = run(capsys, "score", "captions", "--refs", CAPTIONS / "refs.json", "--preds",
+                       tmp_path / "three.json")
+    assert code == 2 and "not in the references" in err
+    (tmp_path / "latin1.json").write_bytes('{"image1": "caf\xe9", "image2": "x"}'.encode("latin-1"))
+    code, _, err = run(capsys, "score", "captions", "--refs", CAPTIONS / "refs.json", "--preds",
+                       tmp_path / "latin1.json")
+    assert code == 2 and "not valid UTF-8" in err
+    (tmp_path / "empty.json").write_text('{"image1": "", "image2": "a dog"}')
+    code, out, err = run(capsys, "score", "captions", "--refs", CAPTIONS / "refs.json", "--preds",
+                         tmp_path / "empty.json", "--no-meteor", "--json")
+    assert code == 0 and "1 empty candidate" in err and json.loads(out)["warnings"]
+
+
+def test_score_vqa(capsys, tmp_path):
+    ann = json.loads((V / "vqav2/annotations.json").read_text())["annotations"]
+    results = [{"question_id": a["question_id"], "answer": a["answers"][0]["answer"]} for a in ann]
+    results[2]["answer"] = "something else entirely"
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    args = ["score", "vqa", "--questions", V / "vqav2/questions.json", "--annotations", V / "vqav2/annotations.json",
+            "--results", tmp_path / "res.json"]
+    code, out, _ = run(capsys, *args, "--json")
+    data = json.loads(out)
+    assert code == 0 and set(data["per_question"]) == {str(a["question_id"]) for a in ann}
+    assert data["per_question"][str(ann[2]["question_id"])] == 0.0
+    assert data["overall"] == pytest.approx(sum(data["per_question"].values()) / 3)
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and out.splitlines()[1].startswith("overall")
+    (tmp_path / "short.json").write_text(json.dumps(results[:2]))
+    code, _, err = run(capsys, *args[:-1], tmp_path / "short.json")
+    assert code == 2 and "1 question(s) without a prediction" in err
+
+
+# -------------------------------------------------------------------------------------------- eval
+@pytest.fixture(scope="module")
+def model_dir(tiny_hf_checkpoint):
+    return tiny_hf_checkpoint[0]
+
+
+@pytest.mark.parametrize("task, data, images, keys", [
+    ("vqav2", "vqav2", "vqav2", {"accuracy", "official"}),
+    ("gqa", "gqa/questions.json", "gqa", {"accuracy"}),
+    ("gqa", "gqa/question_dir", "gqa", {"accuracy"}),
+    ("nlvr2", "nlvr2/tiny-dev.json", "nlvr2", {"accuracy", "unparsed_answers"}),
+    ("flickr30k-retrieval", "flickr30k", "flickr30k", {"image_to_text_R@1", "text_to_image_R@10"}),
+])
+def test_eval_on_each_format(capsys, tmp_path, model_dir, task, data, images, keys):
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--task", task, "--data", V / data,
+                         "--images", V / "images" / images, "--out", tmp_path / "run", *FAST)
+    assert code == 0, err
+    result = json.loads(out)
+    assert keys <= set(result) and result["unreadable_images"] == 0 and result["examples"] in (1, 2)
+    assert (tmp_path / "run/metrics.json").is_file()
+    assert len((tmp_path / "run/predictions.jsonl").read_text().splitlines()) == result["examples"]
+
+
+def test_eval_coco_captions_and_karpathy(capsys, tmp_path, model_dir):
+    refs = json.loads((CAPTIONS / "refs.json").read_text())
+    coco = {"images": [{"id": 1, "file_name": "image1.jpg"}, {"id": 2, "file_name": "image2.jpg"}],
+            "annotations": [{"id": n, "image_id": 1 + k, "caption": c}
+                            for k, key in enumerate(refs) for n, c in enumerate(refs[key])]}
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--task", "coco-captions", "--data",
+                         tmp_path / "captions_val2014.json", "--images", CAPTIONS / "images", "--out", tmp_path / "a",
+                         *FAST)
+    assert code == 0, err
+    assert {"BLEU-4", "ROUGE-L", "CIDEr"} <= set(json.loads(out))
+    karpathy = {"images": [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"caption {i}"}] * 5}
+                           for i in (4945942737, 6338542128)]}
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(karpathy))
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--task", "flickr30k-retrieval", "--data",
+                         tmp_path / "dataset_flickr30k.json", "--images", V / "images/flickr30k", "--out",
+                         tmp_path / "b", *FAST)
+    assert code == 0, err
+    assert json.loads(out)["captions"] == 10
+
+
+def test_eval_unreadable_image_resume_and_other_run(capsys, tmp_path, model_dir):
+    images = tmp_path / "images"
+    shutil.copytree(V / "images/nlvr2", images)
+    (images / "dev-850-0-img1.png").write_bytes(b"not a png")  # the first example's right image
+    args = ["eval", "--model", model_dir, "--task", "nlvr2", "--data", V / "nlvr2/tiny-dev.json", "--images", images,
+            "--out", tmp_path / "run", *FAST[:-1]]
+    code, out, err = run(capsys, *args, "--limit", "3")
+    assert code == 0, err
+    assert "unreadable_images        1" in out and "dev-850-0-img1.png" in err
+    # resume: the first 3 are cached, only the 4th is new
+    code, out, _ = run(capsys, *args, "--limit", "3")
+    assert code == 0
+    timing = (tmp_path / "run/timing.jsonl").read_text().splitlines()
+    assert len(timing) == 1  # the second run had nothing to do
+    preds = (tmp_path / "run/predictions.jsonl").read_text().splitlines()
+    (tmp_path / "run/predictions.jsonl").write_text("\n".join(preds[:2]) + "\n" + preds[2][:10])  # killed mid-line
+    code, _, _ = run(capsys, *args, "--limit", "3")
+    assert code == 0 and len((tmp_path / "run/predictions.jsonl").read_text().splitlines()) == 3
+    code, _, err = run(capsys, *args[:-1], "--limit", "4")  # other settings, same folder
+    assert code == 2 and "different run" in err
+
+
+def test_eval_suite_shapes(capsys, tmp_path, model_dir):
+    code, out, err = run(capsys, "eval", "--suite", "shapes", "--model", model_dir, "--limit", "2",
+                         "--max-new-tokens", "2", "--out", tmp_path / "suite", "--threads", "1", "--no-progress")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == ("| model | params | VQA acc | caption CIDEr | R@1 (i→t / t→i) | GQA-style acc "
+                        "| NLVR2-style acc |")
+    assert lines[2].startswith(f"| {model_dir.name} | 6.41M |")
+    assert "| model | task | samples/s | peak memory MB |" in out
+    suite = json.loads((tmp_path / "suite/suite.json").read_text())
+    tasks = suite["models"][0]["tasks"]
+    assert set(tasks) == {"shapes-vqa", "shapes-captions", "shapes-retrieval", "shapes-gqa", "shapes-nlvr2"}
+    assert tasks["shapes-retrieval"]["captions"] == 10  # 2 images x 5 captions
+    assert all(t["efficiency"]["peak_memory_mb"] > 0 for t in tasks.values())
+    assert (tmp_path / "suite/suite.md").read_text() == out
