@@ -162,15 +162,15 @@ def hf_key_to_ours(key: str, text_only: bool) -> str | None:
     if text_only:
         if key.startswith("model."):
             return "text_model." + key.removeprefix("model.")
-        return key if key == "lm_head.weight" else None
+        return key if key.startswith("lm_head.") else None  # lm_head.weight (+ weight_scale when quantized)
     for prefix in ("model.vision_model.", "model.connector.", "model.text_model."):
         if key.startswith(prefix):
             return key.removeprefix("model.")
-    return key if key == "lm_head.weight" else None
+    return key if key.startswith("lm_head.") else None  # lm_head.weight (+ weight_scale when quantized)
 
 
 def ours_to_hf_key(key: str, text_only: bool) -> str:
-    if key == "lm_head.weight":
+    if key.startswith("lm_head."):
         return key
     if text_only:
         return "model." + key.removeprefix("text_model.")
@@ -202,18 +202,25 @@ def read_safetensors(files: list[Path], key_map, dtype: torch.dtype) -> dict[str
                 for key in sf.keys():
                     ours = key_map(key)
                     if ours is not None:
-                        state[ours] = sf.get_tensor(key).to(dtype)
+                        t = sf.get_tensor(key)
+                        state[ours] = t.to(dtype) if t.is_floating_point() else t  # quantized ints stay
         except SafetensorError as e:
             raise SmolVLMError(f"cannot read weights {f}: {e}") from None
     return state
 
 
-def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], source: str) -> VLM:
-    """Make the model on the meta device and adopt the tensors: no random init, no extra copy."""
+def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], source: str,
+                quantization: dict | None = None) -> VLM:
+    """Make the model on the meta device and adopt the tensors: no random init, no extra copy.
+    quantization: the `quantization` entry of a quantized checkpoint's config (see quantize.py)."""
     with torch.device("meta"):
         model = VLM(cfg)
     expected = set(model.state_dict())
-    if cfg.text.tie_word_embeddings:
+    if quantization:
+        from smolvlm.quantize import adopt_quantized
+
+        expected -= adopt_quantized(model, state, quantization, source)  # takes its tensors out of state
+    if cfg.text.tie_word_embeddings and not (quantization or {}).get("lm_head"):
         state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -224,7 +231,7 @@ def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], source: str) -> 
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
         )
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.text.tie_word_embeddings:
+    if cfg.text.tie_word_embeddings and not (quantization or {}).get("lm_head"):
         model.lm_head.weight = model.text_model.embed_tokens.weight
     for name, p in model.named_parameters():
         if p.shape != state.get(name, p).shape or p.is_meta:
@@ -252,7 +259,7 @@ def load_folder(folder: str | Path, dtype: str | torch.dtype = "float32") -> tup
     cfg = config_from_hf(hf)
     text_only = cfg.vision is None
     state = read_safetensors(safetensors_files(folder), lambda k: hf_key_to_ours(k, text_only), dtype)
-    model = build_model(cfg, state, str(folder))
+    model = build_model(cfg, state, str(folder), hf.get("quantization"))
     if not (folder / "tokenizer.json").exists():
         raise SmolVLMError(f"{folder} has no tokenizer.json; smolvlm needs a fast (tokenizers) tokenizer")
     processor = Processor.from_pretrained(folder)
@@ -308,17 +315,29 @@ def resolve(path_or_id: str) -> Path:
     raise SmolVLMError(f"model {path_or_id!r} not found: no such file or folder, and not a hub id (owner/name)")
 
 
-def load(path_or_id: str | Path, dtype: str | torch.dtype = "float32") -> tuple[VLM, Processor]:
-    """Load any supported checkpoint: SmolVLM/Idefics3 or Llama folder, GGUF file, hub id, packaged name."""
+def load(path_or_id: str | Path, dtype: str | torch.dtype = "float32",
+         quantize: str | None = None) -> tuple[VLM, Processor]:
+    """Load any supported checkpoint: SmolVLM/Idefics3 or Llama folder, GGUF file, hub id, packaged name.
+    Weights are read straight into `dtype`. quantize: None, "int8" or "int4" (weight-only, the decoder's
+    projections; see quantize.py). The q/k/v and gate/up projections are fused for inference in a way
+    that keeps the state dict, saving, training and LoRA wrapping unchanged (quantize.prepare_for_inference)."""
+    from smolvlm.quantize import check_mode, prepare_for_inference
+
     parse_dtype(dtype)  # fail on a bad dtype before any slow work
+    quantize = check_mode(quantize)
     path = resolve(str(path_or_id))
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
-        if magic == b"GGUF":
-            return load_gguf(path, dtype)
-        raise SmolVLMError(f"{path} is neither a checkpoint folder nor a GGUF file")
-    return load_folder(path, dtype)
+        if magic != b"GGUF":
+            raise SmolVLMError(f"{path} is neither a checkpoint folder nor a GGUF file")
+        model, processor = load_gguf(path, dtype)
+    else:
+        model, processor = load_folder(path, dtype)
+    saved = getattr(model, "quantization", None)
+    if saved and quantize and saved["mode"] != quantize:
+        raise SmolVLMError(f"{path_or_id} is already quantized ({saved['mode']}); cannot requantize to {quantize}")
+    return prepare_for_inference(model, None if saved else quantize), processor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,11 +356,15 @@ def save(model: VLM, processor: Processor, folder: str | Path, max_shard_bytes: 
         "eos_token_id": processor.eos_token_ids[0] if processor.eos_token_ids else None,
         "pad_token_id": processor.pad_token_id,
     }
+    quantization = getattr(model, "quantization", None)
     state = {}
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.cfg.text.tie_word_embeddings:
+        if name == "lm_head.weight" and model.cfg.text.tie_word_embeddings and not (quantization or {}).get("lm_head"):
             continue  # tied to the embeddings; transformers re-ties it from the config
-        state[ours_to_hf_key(name, text_only)] = t.detach().contiguous()
+        t = t.detach()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view of a fused q/k/v or gate/up weight (quantize.fuse): safetensors wants its own
+        state[ours_to_hf_key(name, text_only)] = t.contiguous()
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -366,6 +389,8 @@ def save(model: VLM, processor: Processor, folder: str | Path, max_shard_bytes: 
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         hf = config_to_hf(model.cfg, special, model.dtype)
+        if quantization:
+            hf["quantization"] = quantization  # smolvlm's own format: transformers cannot load it
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         processor.save_pretrained(tmp)
         if folder.exists():

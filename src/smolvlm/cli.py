@@ -13,7 +13,7 @@ EXIT_USAGE = 2
 # Sub-commands that live beside the code they drive. Each module has `add_parser(subparsers)`, which
 # registers its sub-command with `set_defaults(func=...)`, and keeps heavy imports inside its functions.
 COMMAND_MODULES: list[str] = ["smolvlm.train", "smolvlm.demo", "smolvlm.serve.cli", "smolvlm.caption", "smolvlm.chat",
-                              "smolvlm.eval.score", "smolvlm.eval.runner"]
+                              "smolvlm.eval.score", "smolvlm.eval.runner", "smolvlm.bench"]
 
 
 def build_messages(prompt: str, n_images: int) -> list[dict]:
@@ -39,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = [open_image(p) for p in args.image or []]  # fail on a bad image before loading the model
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = load(args.model, dtype=args.dtype)
+    model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize)
     if images and not model.has_vision:
         raise SmolVLMError(f"{args.model} is a text-only model (no vision encoder); drop --image")
     text = processor.apply_chat_template(build_messages(args.prompt, len(images)), add_generation_prompt=True)
@@ -100,6 +100,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text; repeatable")
     g.add_argument("--dtype", default="bfloat16",
                    help="float32 or bfloat16 (default; several times faster on CPUs with bf16 support)")
+    g.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only quantization of the decoder at load (faster decoding; docs/speed.md)")
     g.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
     g.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     g.add_argument("--json", action="store_true",

@@ -4,7 +4,9 @@ One loop serves every use: `generate_ids` yields the next token of each sequence
 batch; `generate` / `stream` / `generate_batch` turn those ids into text with stop rules applied.
 """
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -65,6 +67,63 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, rng: torch.Generat
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng)[:, 0]
 
 
+class ImageEmbeddingCache:
+    """The vision tower's output for recently seen tiles, keyed by a hash of their pixels: a chat turn
+    re-sends the conversation's earlier images, which then cost a hash instead of a pass through the
+    vision tower. Kept per model and invalidated when its vision or connector weights change."""
+
+    def __init__(self, max_tiles: int = 128):
+        self.max_tiles = max_tiles
+        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # key -> (L, D)
+        self.version = None
+
+    @staticmethod
+    def weights_version(model: VLM) -> tuple:
+        # in-place updates (an optimizer step) bump _version; reassignment changes the data pointer
+        params = [*model.vision_model.parameters(), *model.connector.parameters()]
+        return model.dtype, sum(p._version for p in params), sum(p.data_ptr() for p in params)
+
+    def encode(self, model: VLM, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None):
+        """Same result as model.encode_images(pixel_values, pixel_attention_mask): (N real tiles, L, D)."""
+        version = self.weights_version(model)
+        if version != self.version:
+            self.entries.clear()
+            self.version = version
+        b, i = pixel_values.shape[:2]
+        tiles = pixel_values.reshape(b * i, *pixel_values.shape[2:])
+        masks = None if pixel_attention_mask is None else pixel_attention_mask.reshape(b * i, -1)
+        real = (tiles != 0).flatten(1).any(dim=1)  # padding images are all zero (as encode_images skips them)
+        real[0] |= ~real.any()
+        index = real.nonzero()[:, 0].tolist()
+        keys = []
+        for j in index:
+            h = hashlib.blake2b(tiles[j].contiguous().numpy().tobytes(), digest_size=16)
+            h.update(str(tuple(tiles[j].shape)).encode())
+            if masks is not None:
+                h.update(masks[j].contiguous().numpy().tobytes())
+            keys.append(h.digest())
+        todo = [j for j, k in zip(index, keys, strict=True) if k not in self.entries]
+        if todo:
+            sub_mask = None if masks is None else pixel_attention_mask.reshape(b * i, *pixel_attention_mask.shape[2:])
+            new = model.encode_images(tiles[todo][None], None if sub_mask is None else sub_mask[todo][None])
+            for j, emb in zip(todo, new, strict=True):
+                self.entries[keys[index.index(j)]] = emb
+        out = []
+        for k in keys:
+            self.entries.move_to_end(k)
+            out.append(self.entries[k])
+        while len(self.entries) > self.max_tiles:
+            self.entries.popitem(last=False)
+        return torch.stack(out)
+
+
+def encode_images_cached(model: VLM, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None):
+    cache = model.__dict__.get("_image_embedding_cache")
+    if cache is None:
+        cache = model.__dict__["_image_embedding_cache"] = ImageEmbeddingCache()
+    return cache.encode(model, pixel_values, pixel_attention_mask)
+
+
 @torch.inference_mode()
 def generate_ids(
     model: VLM,
@@ -89,7 +148,9 @@ def generate_ids(
     max_new = min(params.max_new_tokens, context - longest)
     rng = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     if pixel_values is not None:
-        image_embeds = model.encode_images(pixel_values, pixel_attention_mask)
+        if not model.has_vision:
+            raise SmolVLMError("this model has no vision encoder (a text-only checkpoint); drop the images")
+        image_embeds = encode_images_cached(model, pixel_values, pixel_attention_mask)
 
     cache = KVCache(model.cfg.text, b, t + max_new, model.dtype) if params.use_cache else None
     ids, mask = input_ids, attention_mask

@@ -72,7 +72,8 @@ class DataSpec:
     questions_per_image: int = 8  # shapes vqa: question turns per image in one sequence
     tasks: dict = field(default_factory=lambda: {"vqa": 1.0})  # shapes: task -> mixing weight
     # shapes: over the first N steps the most objects per scene grows from the world's min_objects to its
-    # max_objects, so the model first learns to read one object off the image (0 = no curriculum)
+    # max_objects, and the first half asks only color / shape / count questions (their answers cannot be
+    # guessed from the text), so the model learns to look before it learns the yes/no priors (0 = off)
     curriculum_steps: int = 0
     max_tokens: int = 1024  # longest allowed example
 
@@ -239,6 +240,11 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads "2e-4" (no dot) as a string
+            except ValueError:
+                pass
         node = d
         parts = key.split(".")
         for p in parts[:-1]:
@@ -515,6 +521,9 @@ class ShapesTrainingData:
         # one world per curriculum level (most objects per scene); the last is the full world
         levels = range(world_cfg.min_objects, world_cfg.max_objects + 1)
         self.levels = [dataclasses.replace(world_cfg, max_objects=k) for k in levels]
+        looking = tuple(t for t in ("color", "shape", "count") if t in world_cfg.question_types)
+        self.first_half = [dataclasses.replace(c, question_types=looking or world_cfg.question_types)
+                           for c in self.levels]
         unknown = set(spec.tasks) - {"vqa", "caption", "pairs"}
         if unknown:
             raise SmolVLMError(f"data.tasks names unknown shapes tasks {sorted(unknown)}; use vqa, caption, pairs")
@@ -537,7 +546,8 @@ class ShapesTrainingData:
         world_cfg = self.world.cfg
         step = i // self.batch_size
         if step < self.spec.curriculum_steps:
-            world_cfg = self.levels[step * len(self.levels) // self.spec.curriculum_steps]
+            level = step * len(self.levels) // self.spec.curriculum_steps
+            world_cfg = (self.first_half if 2 * step < self.spec.curriculum_steps else self.levels)[level]
         scene = make_scene(world_cfg, "train", rng.randrange(self.spec.train_scenes), self.spec.seed)
         image = self.world.render(scene)
         if task == "caption":

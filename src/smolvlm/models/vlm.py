@@ -34,6 +34,8 @@ class VLMConfig:
         return self.vision.patches_per_side**2 // self.scale_factor**2
 
 
+VISION_BATCH = 2  # tiles per vision-tower call at inference (bounds the attention scores: 24 MB per tile)
+
 # SmolVLM-256M: SigLIP-B/16 at 512 px + SmolLM2-135M; SmolVLM-500M: same encoder + SmolLM2-360M.
 PRESETS: dict[str, VLMConfig] = {
     "smolvlm-256m": VLMConfig(),
@@ -78,7 +80,8 @@ class VLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        # the embedding table stays floating point when the linear layers are quantized
+        return self.text_model.embed_tokens.weight.dtype
 
     def encode_images(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
@@ -103,7 +106,15 @@ class VLM(nn.Module):
             mask = mask[:, :h, :w]
             # a patch is real if any of its pixels is
             patch_mask = mask.reshape(n, h // ps, ps, w // ps, ps).any(dim=4).any(dim=2)  # (N, h, w)
-        return self.connector(self.vision_model(pixels, patch_mask))
+        if torch.is_grad_enabled() or pixels.shape[0] <= VISION_BATCH:
+            return self.connector(self.vision_model(pixels, patch_mask))
+        # inference: tiles go through the tower VISION_BATCH at a time, which bounds the activations
+        # (bf16 attention scores are 24 MB per 512-px tile) at no cost in speed (matmuls of 1024+ rows)
+        out = []
+        for i in range(0, pixels.shape[0], VISION_BATCH):
+            chunk_mask = None if patch_mask is None else patch_mask[i : i + VISION_BATCH]
+            out.append(self.connector(self.vision_model(pixels[i : i + VISION_BATCH], chunk_mask)))
+        return torch.cat(out)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D) with the image tokens (N, L, D) written over the `<image>` positions."""

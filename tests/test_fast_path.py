@@ -1,0 +1,136 @@
+"""The inference fast path against the plain one: fused q/k/v and gate/up (state dict unchanged, LoRA
+and training untouched), decode attention over the filled cache, bf16 matmul attention in the vision
+tower, batched tiles, the per-model cache of image embeddings."""
+
+import torch
+import torch.nn.functional as F
+
+from reference import prompt_ids
+from smolvlm.generation import SamplingParams, encode_images_cached, generate_ids
+from smolvlm.models import vlm as vlm_module
+from smolvlm.models.decoder import DECODE_MATMUL_FROM, KVCache
+from smolvlm.models.vlm import VLM, preset
+from smolvlm.quantize import prepare_for_inference
+
+
+def tiny(seed=0, dtype=torch.float32) -> VLM:
+    torch.manual_seed(seed)
+    model = VLM(preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.to(dtype)
+
+
+def test_fusion_keeps_state_dict_and_logits():
+    plain, fused = tiny(), tiny()
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    prepare_for_inference(fused)
+    after = fused.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    attn = fused.text_model.layers[0].self_attn
+    assert attn.__dict__["_fused"].intact(attn) and not attn.__dict__["_fused"].usable(attn)  # grad mode
+    ids, pixels = prompt_ids([2]), torch.randn(1, 2, 3, 32, 32)
+    with torch.no_grad():
+        assert (fused(ids, pixel_values=pixels) - plain(ids, pixel_values=pixels)).abs().max() < 1e-5
+
+
+def test_fused_model_still_trains_through_its_own_parameters():
+    model = prepare_for_inference(tiny())
+    q = model.text_model.layers[0].self_attn.q_proj
+    ids = prompt_ids([1])
+    loss = model(ids, pixel_values=torch.randn(1, 1, 3, 32, 32)).logsumexp(-1).mean()
+    loss.backward()
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+    # an optimizer step (in place) moves the fused weight along with it
+    with torch.no_grad():
+        q.weight -= 0.1 * q.weight.grad
+    fused = model.text_model.layers[0].self_attn.__dict__["_fused"]
+    assert torch.equal(fused.weight[: q.weight.shape[0]], q.weight)
+
+
+def test_lora_wrapping_disables_fusion_and_is_used():
+    from smolvlm.lora import LoRAConfig, add_lora
+
+    model = prepare_for_inference(tiny())
+    ids = prompt_ids([1])
+    pixels = torch.randn(1, 1, 3, 32, 32)
+    add_lora(model, LoRAConfig(rank=2, targets=["q_proj", "v_proj", "up_proj"]))
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.5)
+    with torch.no_grad():
+        with_lora = model(ids, pixel_values=pixels)
+        attn = model.text_model.layers[0].self_attn
+        assert not attn.__dict__["_fused"].intact(attn)
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.weight.zero_()
+        without = model(ids, pixel_values=pixels)
+    assert (with_lora - without).abs().max() > 1e-3  # the adapters are really in the computation
+
+
+def test_dtype_change_after_fusion_falls_back_correctly():
+    model = prepare_for_inference(tiny())
+    ref = tiny().to(torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    ids = prompt_ids([1])
+    pixels = torch.randn(1, 1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixel_values=pixels), ref(ids, pixel_values=pixels))
+
+
+def test_decode_attention_over_long_cache_matches_sdpa():
+    model = prepare_for_inference(tiny())
+    plain = tiny()
+    n = DECODE_MATMUL_FROM + 8
+    ids = torch.randint(0, 49000, (1, n))
+    with torch.inference_mode():
+        caches = [KVCache(m.cfg.text, 1, n + 1, m.dtype) for m in (model, plain)]
+        for m, c in zip((model, plain), caches, strict=True):
+            m(ids, cache=c)
+        nxt = torch.tensor([[5]])
+        got = model(nxt, cache=caches[0])
+        ref = plain(nxt, cache=caches[1])
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_bf16_vision_matmul_attention_and_batched_tiles_close_to_sdpa(monkeypatch):
+    model = tiny(dtype=torch.bfloat16)
+    pixels = torch.randn(1, 7, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.encode_images(pixels)  # grad mode: SDPA, one batch
+    with torch.inference_mode():
+        monkeypatch.setattr(vlm_module, "VISION_BATCH", 3)
+        got = model.encode_images(pixels)  # matmul attention, tiles 3 at a time
+    assert got.shape == ref.shape
+    assert F.cosine_similarity(got.float().flatten(), ref.float().flatten(), dim=0) > 0.999
+
+
+def test_image_embedding_cache_reuses_tiles_and_sees_weight_updates():
+    model = tiny()
+    calls = []
+    original = model.encode_images
+    model.encode_images = lambda px, mask=None: calls.append(px.shape[1]) or original(px, mask)
+    a, b = torch.randn(1, 2, 3, 32, 32), torch.randn(1, 1, 3, 32, 32)
+    with torch.inference_mode():
+        first = encode_images_cached(model, a, None)
+        both = encode_images_cached(model, torch.cat([a, b], dim=1), None)  # the next chat turn
+    assert calls == [2, 1]  # only the new tile went through the tower
+    assert torch.equal(both[:2], first)
+    assert (both - original(torch.cat([a, b], dim=1))).abs().max() < 1e-6
+    with torch.no_grad():
+        model.connector.modality_projection["proj"].weight.mul_(2)  # an optimizer step
+    with torch.inference_mode():
+        again = encode_images_cached(model, a, None)
+    assert calls == [2, 1, 2] and (again - 2 * first).abs().max() < 1e-5
+
+
+def test_fused_bf16_generation_close_to_plain():
+    model = prepare_for_inference(tiny(dtype=torch.bfloat16))
+    plain = tiny(dtype=torch.bfloat16)
+    ids, pixels = prompt_ids([1]), torch.randn(1, 1, 3, 32, 32)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    got = [lp for _, lp, _ in generate_ids(model, ids, None, params, set(), pixel_values=pixels)]
+    ref = [lp for _, lp, _ in generate_ids(plain, ids, None, params, set(), pixel_values=pixels)]
+    assert abs(float(got[0][0]) - float(ref[0][0])) < 0.05
