@@ -51,6 +51,8 @@ def test_demo_writes_what_it_promises(demo_dir):
     assert {"image", "question", "answer"} <= set(first) and (out / "data" / "test" / first["image"]).is_file()
     assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
     assert (out / "accuracy_by_type.png").stat().st_size > 1000 and (out / "loss.png").stat().st_size > 1000
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 48 and not any("<" in p["prediction"] + p["blind_prediction"] for p in preds)
     report = (out / "report.md").read_text()
     assert "VQA accuracy" in report and "![accuracy_by_type.png]" in report
 

@@ -207,5 +207,7 @@ def test_blind_model_is_text_only(tmp_path):
     r = train(cfg, tmp_path / "blind", progress=False)
     model, processor = load(r.model_dir)
     assert not model.has_vision
+    # the seeing model's vocabulary: <end_of_utterance> is one token that stops generation
+    assert processor.end_of_utterance_id == 49279 and model.cfg.text.vocab_size == 49280
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}])
     assert text == "<|im_start|>User: Hi?<end_of_utterance>\nAssistant:"

@@ -229,10 +229,12 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     main = train(cfg, out / "runs" / "main", progress=progress)
     os.replace(main.model_dir, out / "model")
 
-    # the blind baseline: same recipe and data, no images; it learns the answer priors quickly
-    n_blind = blind_steps if blind_steps is not None else max(50, cfg.total_steps // 3)
+    # the blind baseline: same recipe and data, no images; it learns the answer priors quickly. No
+    # curriculum: that only teaches looking, and a blind model must see the test-time question mix
+    n_blind = blind_steps if blind_steps is not None else max(50, cfg.total_steps // 5)
     blind_cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, blind=True),
+        data=dataclasses.replace(cfg.data, curriculum_steps=0),
         stages=[Stage(name="blind", steps=n_blind, train=["decoder"],
                       warmup_steps=min(cfg.stages[0].warmup_steps, n_blind // 2))],
     )

@@ -308,9 +308,10 @@ def shapes_tiny() -> TrainConfig:
                                 patch_size=8),
             scale_factor=2,
         ),
-        data=DataSpec(source="shapes", questions_per_image=8, tasks={"vqa": 1.0, "caption": 0.25}),
-        stages=[Stage(name="main", steps=1200, train=["vision", "connector", "decoder"], warmup_steps=50)],
-        optim=OptimConfig(lr_vision=2e-3, lr_connector=2e-3, lr_decoder=2e-3),
+        data=DataSpec(source="shapes", questions_per_image=8, tasks={"vqa": 1.0, "caption": 0.25},
+                      curriculum_steps=300),
+        stages=[Stage(name="main", steps=800, train=["vision", "connector", "decoder"], warmup_steps=50)],
+        optim=OptimConfig(lr_vision=3e-3, lr_connector=3e-3, lr_decoder=3e-3),
         batch_size=16,
         checkpoint_every=200,
     )
@@ -416,15 +417,15 @@ def build_model(spec: ModelSpec, seed: int):
     )
     if spec.init == "scratch":
         text_processor = text_processor_for(spec.decoder)
+        tokenizer = add_image_tokens(text_processor.tokenizer)
         if spec.blind:
-            tokenizer, processor = text_processor.tokenizer, text_processor
-            # SmolVLM's chat template for text too, so blind prompts read exactly like the seeing model's
+            # the seeing model's vocabulary and chat template (so <end_of_utterance> is one token and ends
+            # answers), only without images
             from smolvlm.processing import SMOLVLM_CHAT_TEMPLATE, Processor
             processor = Processor(tokenizer, image_config=None, image_seq_len=0, chat_template=SMOLVLM_CHAT_TEMPLATE,
                                   eos_token=text_processor.eos_token, pad_token=text_processor.pad_token)
             cfg = VLMConfig(text=dataclasses.replace(spec.text, vocab_size=tokenizer.get_vocab_size()), vision=None)
         else:
-            tokenizer = add_image_tokens(text_processor.tokenizer)
             cfg = VLMConfig(text=dataclasses.replace(spec.text, vocab_size=tokenizer.get_vocab_size()),
                             vision=vision, scale_factor=spec.scale_factor,
                             image_token_id=tokenizer.token_to_id(IMAGE))
