@@ -231,7 +231,7 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
 
     # the blind baseline: same recipe and data, no images; it learns the answer priors quickly. No
     # curriculum: that only teaches looking, and a blind model must see the test-time question mix
-    n_blind = blind_steps if blind_steps is not None else max(50, cfg.total_steps // 5)
+    n_blind = blind_steps if blind_steps is not None else max(50, cfg.total_steps // 2)
     blind_cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, blind=True),
         data=dataclasses.replace(cfg.data, curriculum_steps=0),
@@ -306,7 +306,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, or an earlier demo with --force)")
     p.add_argument("--preset", default="shapes-tiny", help="training preset (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
-    p.add_argument("--blind-steps", type=int, metavar="N", help="steps of the blind baseline (default: a third)")
+    p.add_argument("--blind-steps", type=int, metavar="N", help="blind baseline steps (default: half)")
     p.add_argument("--test-images", type=int, default=300, metavar="N", help="test images (4 questions each)")
     p.add_argument("--force", action="store_true", help="replace an earlier demo in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
