@@ -75,6 +75,17 @@ def test_config_errors(tmp_path):
     assert p.returncode == 2 and "unknown config key 'optim.lr'" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_cli_lists_every_preset_without_importing_torch():
+    from smolvlm.cli import TRAIN_PRESETS
+    from smolvlm.train import PRESETS
+
+    assert set(TRAIN_PRESETS) == set(PRESETS)
+    # building the parser (every `smolvlm` command, `--help`, `score`) must not pay torch's import
+    code = "import sys, smolvlm.cli as c; c.make_parser(); print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert p.stdout.strip() == "False", p.stderr
+
+
 def test_yaml_config_and_overrides_round_trip(tmp_path):
     cfg = resolve_config("test-tiny", None, ["optim.lr_decoder=0.01", "data.tasks={vqa: 1, caption: 0.5}"])
     assert cfg.optim.lr_decoder == 0.01 and cfg.data.tasks == {"vqa": 1, "caption": 0.5}

@@ -10,9 +10,13 @@ from smolvlm.errors import SmolVLMError
 
 EXIT_USAGE = 2
 
+# The names of smolvlm.train.PRESETS, for `train --help` without importing torch (tests/test_train.py
+# checks that they agree).
+TRAIN_PRESETS = ("shapes-tiny", "smollm2-shapes", "test-tiny")
+
 # Sub-commands that live beside the code they drive. Each module has `add_parser(subparsers)`, which
 # registers its sub-command with `set_defaults(func=...)`, and keeps heavy imports inside its functions.
-COMMAND_MODULES: list[str] = ["smolvlm.train", "smolvlm.demo", "smolvlm.serve.cli", "smolvlm.caption", "smolvlm.chat",
+COMMAND_MODULES: list[str] = ["smolvlm.demo", "smolvlm.serve.cli", "smolvlm.caption", "smolvlm.chat",
                               "smolvlm.eval.score", "smolvlm.eval.runner", "smolvlm.bench"]
 
 
@@ -76,6 +80,33 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from smolvlm.train import config_to_dict, resolve_config, train
+
+    cfg = resolve_config(args.preset, args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SmolVLMError("--max-steps must be >= 1")
+    result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    summary = {"out": str(result.out), "steps": result.steps, "final_loss": result.final_loss,
+               "wall_s": round(result.wall_s, 1), "model": str(result.model_dir) if result.model_dir else None}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        where = f"; model in {result.model_dir}" if result.model_dir else "; not finished (--resume to continue)"
+        loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+        print(f"trained {result.steps} steps in {result.wall_s:.0f} s, last loss {loss}{where}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smolvlm", description="Build, train, evaluate, compress and serve small vision-language models."
@@ -123,6 +154,25 @@ def make_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     a.add_argument("--seed", type=int, default=0, help="seed of the new weights' initialisation")
     a.set_defaults(func=cmd_assemble)
+
+    t = sub.add_parser(
+        "train", help="train a model (presets, YAML configs, stages, LoRA, distillation, torchrun DDP)",
+        description="Train from a preset and/or a YAML config, with KEY=VALUE overrides (e.g. "
+                    "optim.lr_decoder=3e-3 stages.0.steps=500 data.questions_per_image=4). Writes "
+                    "OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/ and, at the end, OUT/model (a SmolVLM "
+                    "checkpoint that `smolvlm generate` loads). Launch with `torchrun --nproc-per-node N -m "
+                    "smolvlm.cli train ...` for data-parallel training (gloo on CPU).",
+    )
+    t.add_argument("--preset", help=f"starting config: {', '.join(TRAIN_PRESETS)} (default: the dataclass defaults)")
+    t.add_argument("--config", metavar="FILE", help="YAML file of config keys, applied over the preset")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
+    t.add_argument("--out", required=True, metavar="DIR", help="run folder (new, or the run to --resume)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--max-steps", type=int, metavar="N", help="stop after global step N (resume later)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    t.set_defaults(func=cmd_train)
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
