@@ -274,12 +274,15 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple[V
     cfg = VLMConfig(text=text_config_from_hf(ckpt.config), vision=None)
     state = {hf_key_to_ours(k, True): v for k, v in ckpt.state_dict.items()}
     model = build_model(cfg, state, str(path))
-    tc = ckpt.tokenizer_config
-    processor = Processor(
-        ckpt.tokenizer, image_config=None, image_seq_len=0, chat_template=tc.get("chat_template"),
-        eos_token=tc.get("eos_token"), pad_token=tc.get("pad_token") or tc.get("eos_token"),
-    )
-    return model, processor
+    return model, gguf_text_processor(ckpt.tokenizer, ckpt.tokenizer_config)
+
+
+def gguf_text_processor(tokenizer: Tokenizer, tokenizer_config: dict) -> Processor:
+    """The text-only processor of a GGUF file's tokenizer: its chat template, EOS, and EOS as padding
+    when the file names no pad token."""
+    tc = tokenizer_config
+    return Processor(tokenizer, image_config=None, image_seq_len=0, chat_template=tc.get("chat_template"),
+                     eos_token=tc.get("eos_token"), pad_token=tc.get("pad_token") or tc.get("eos_token"))
 
 
 def packaged_model_path(name: str) -> Path:

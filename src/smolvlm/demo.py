@@ -38,10 +38,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def ask_batch(model, processor, images, prompts: list[str], max_new_tokens: int, batch_size: int,
               desc: str, progress: bool) -> list[str]:
-    """Greedy answers to one question each (an image per question, or none for a text-only model)."""
-    from smolvlm.generation import SamplingParams, generate_batch
+    """Greedy answers to one question each (an image per question, or none for a text-only model), in
+    left-padded batches of batch_size."""
+    from smolvlm.eval.runner import generate_answers
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     answers: list[str] = []
     steps = range(0, len(prompts), batch_size)
     if progress:
@@ -50,15 +50,8 @@ def ask_batch(model, processor, images, prompts: list[str], max_new_tokens: int,
         steps = tqdm(steps, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
     for start in steps:
         chunk = prompts[start:start + batch_size]
-        if model.has_vision:
-            messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in chunk]
-            texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
-            inputs = processor(texts, images=[[im] for im in images[start:start + batch_size]])
-        else:
-            texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": q}]}],
-                                                   add_generation_prompt=True) for q in chunk]
-            inputs = processor(texts)
-        answers += [r.text for r in generate_batch(model, processor, inputs, params)]
+        chunk_images = [[im] for im in images[start:start + batch_size]] if images else [[]] * len(chunk)
+        answers += generate_answers(model, processor, chunk, chunk_images, max_new_tokens)
     return answers
 
 
@@ -71,16 +64,14 @@ def vqa_scores(rows: list[dict], answers: list[str]) -> dict:
             "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())}}
 
 
-def evaluate_model(model_dir: Path, data_dir: Path, batch_size: int = 64, progress: bool = True) -> dict:
+def evaluate_model(model, processor, name: str, data_dir: Path, batch_size: int = 64, progress: bool = True) -> dict:
     """VQA accuracy (overall, per type) on test and compositional questions; caption CIDEr-D on test."""
     import torch
     from PIL import Image
 
-    from smolvlm.checkpoint import load
+    from smolvlm.data.shapes import CAPTION_PROMPT
     from smolvlm.eval.caption_metrics import score_captions
-    from smolvlm.train import CAPTION_PROMPT
 
-    model, processor = load(model_dir, "bfloat16")
     result: dict = {}
     t0 = time.time()
     with torch.inference_mode():
@@ -89,14 +80,14 @@ def evaluate_model(model_dir: Path, data_dir: Path, batch_size: int = 64, progre
             images = [Image.open(data_dir / split / r["image"]).convert("RGB") for r in rows] if model.has_vision \
                 else None
             answers = ask_batch(model, processor, images, [r["question"] for r in rows], 6, batch_size,
-                                f"{model_dir.parent.name} {split} vqa", progress)
+                                f"{name} {split} vqa", progress)
             result[split] = vqa_scores(rows, answers)
             result[split]["answers"] = answers
         if model.has_vision:
             caps = read_jsonl(data_dir / "test" / "captions.jsonl")
             images = [Image.open(data_dir / "test" / c["image"]).convert("RGB") for c in caps]
             preds = ask_batch(model, processor, images, [CAPTION_PROMPT] * len(caps), 48, batch_size,
-                              f"{model_dir.parent.name} captions", progress)
+                              f"{name} captions", progress)
             refs = {c["image"]: c["captions"] for c in caps}
             cands = {c["image"]: p for c, p in zip(caps, preds, strict=True)}
             result["caption_cider"] = score_captions(refs, cands, with_meteor=False).scores["CIDEr"]
@@ -153,14 +144,12 @@ def plot_results(out: Path, metrics: dict, main_rows: list[dict], blind_rows: li
     return ["accuracy_by_type.png", "loss.png"]
 
 
-def sample_answers(model_dir: Path, data_dir: Path, n: int) -> list[dict]:
+def sample_answers(model, processor, data_dir: Path, n: int) -> list[dict]:
     """A few test questions answered exactly as `smolvlm generate` answers them (one at a time)."""
-    from smolvlm.checkpoint import load
     from smolvlm.cli import build_messages
     from smolvlm.generation import SamplingParams, generate
     from smolvlm.processing import open_image
 
-    model, processor = load(model_dir, "bfloat16")
     rows = read_jsonl(data_dir / "test" / "questions.jsonl")
     picked, seen = [], set()
     for r in rows:  # one question per image, first n images
@@ -210,6 +199,7 @@ def write_report(out: Path, metrics: dict, samples: list[dict], plots: list[str]
 def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] | None = None,
              blind_steps: int | None = None, test_images: int = 300, compositional_images: int = 100,
              force: bool = False, progress: bool = True) -> dict:
+    from smolvlm.checkpoint import load
     from smolvlm.data.shapes import ShapesWorld, WorldConfig
     from smolvlm.train import Stage, resolve_config, train
 
@@ -241,9 +231,11 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     print(f"training the blind baseline ({n_blind} steps)", file=sys.stderr)
     blind = train(blind_cfg, out / "runs" / "blind", progress=progress)
 
-    seeing = evaluate_model(out / "model", data_dir, progress=progress)
-    blind_eval = evaluate_model(blind.model_dir, data_dir, progress=progress)
-    samples = sample_answers(out / "model", data_dir, 6)
+    # loaded from disk as `smolvlm generate` loads them (bfloat16), so its answers are the ones reported
+    model, processor = load(out / "model", "bfloat16")
+    seeing = evaluate_model(model, processor, "main", data_dir, progress=progress)
+    samples = sample_answers(model, processor, data_dir, 6)
+    blind_eval = evaluate_model(*load(blind.model_dir, "bfloat16"), "blind", data_dir, progress=progress)
 
     from smolvlm.train import read_metrics
 

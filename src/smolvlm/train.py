@@ -294,6 +294,12 @@ def merge_dicts(base: dict, update: dict) -> dict:
 # presets
 
 
+def shapes_vision() -> VisionConfig:
+    """The vision encoder of the shapes presets: a ViT 192x4 on 64-px images, 8-px patches."""
+    return VisionConfig(hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3, image_size=64,
+                        patch_size=8)
+
+
 def shapes_tiny() -> TrainConfig:
     """The demo model: ~3M parameters besides the 49k-token embedding, trained from scratch on the
     shapes world in a few minutes on 2 CPU cores."""
@@ -304,8 +310,7 @@ def shapes_tiny() -> TrainConfig:
             text=DecoderConfig(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
                                head_dim=32, rope_theta=10000.0, max_position_embeddings=2048,
                                tie_word_embeddings=True),
-            vision=VisionConfig(hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3, image_size=64,
-                                patch_size=8),
+            vision=shapes_vision(),
             scale_factor=2,
         ),
         data=DataSpec(source="shapes", questions_per_image=8, tasks={"vqa": 1.0, "caption": 0.25},
@@ -323,8 +328,7 @@ def smollm2_shapes() -> TrainConfig:
     return TrainConfig(
         model=ModelSpec(
             init="assemble", decoder="smollm2-135m-instruct",
-            vision=VisionConfig(hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3, image_size=64,
-                                patch_size=8),
+            vision=shapes_vision(),
             scale_factor=2,
         ),
         data=DataSpec(source="shapes", questions_per_image=6, tasks={"vqa": 1.0, "caption": 0.15}),
@@ -340,7 +344,7 @@ def smollm2_shapes() -> TrainConfig:
     )
 
 
-def test_tiny() -> TrainConfig:
+def tiny_smoke() -> TrainConfig:
     """Seconds per step on a CPU: for tests and smoke runs."""
     return TrainConfig(
         model=ModelSpec(
@@ -361,7 +365,7 @@ def test_tiny() -> TrainConfig:
     )
 
 
-PRESETS = {"shapes-tiny": shapes_tiny, "smollm2-shapes": smollm2_shapes, "test-tiny": test_tiny}
+PRESETS = {"shapes-tiny": shapes_tiny, "smollm2-shapes": smollm2_shapes, "test-tiny": tiny_smoke}
 
 
 def resolve_config(preset: str | None, config_file: str | None, overrides: list[str]) -> TrainConfig:
@@ -392,15 +396,13 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
 
 def text_processor_for(source: str):
     """The tokenizer (and its special tokens) of a GGUF file, packaged model or checkpoint folder."""
-    from smolvlm.checkpoint import resolve
+    from smolvlm.checkpoint import gguf_text_processor, resolve
     from smolvlm.gguf_reader import read_gguf_tokenizer
     from smolvlm.processing import Processor
 
     path = resolve(source)
     if path.is_file():
-        tokenizer, tc = read_gguf_tokenizer(path)
-        return Processor(tokenizer, image_config=None, image_seq_len=0, chat_template=tc.get("chat_template"),
-                         eos_token=tc.get("eos_token"), pad_token=tc.get("pad_token") or tc.get("eos_token"))
+        return gguf_text_processor(*read_gguf_tokenizer(path))
     return Processor.from_pretrained(path)
 
 
@@ -501,8 +503,6 @@ def lr_factor(step: int, stage: Stage, min_ratio: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # data
 
-CAPTION_PROMPTS = ("Describe this image.", "What is in this image?", "Caption this picture.")
-CAPTION_PROMPT = CAPTION_PROMPTS[0]
 
 
 class ShapesTrainingData:
@@ -534,16 +534,23 @@ class ShapesTrainingData:
             raise SmolVLMError("the dataset is empty: give data.tasks a positive weight and data.train_scenes >= 1")
 
     def conversation(self, i: int) -> Conversation:
-        from smolvlm.data.shapes import captions, make_pair, make_scene, questions, stable_seed
+        from smolvlm.data.shapes import (
+            CAPTION_PROMPTS,
+            PAIR_PROMPT,
+            captions,
+            make_pair,
+            make_scene,
+            questions,
+            stable_seed,
+        )
 
         rng = random.Random(stable_seed("train-example", self.spec.seed, i))
         task = rng.choices(self.tasks, weights=self.weights)[0]
         if task == "pairs":
             left, right, statement, label = make_pair(self.world.cfg, "train", rng.randrange(self.spec.train_scenes),
                                                       self.spec.seed)
-            q = f"Is this statement about the two images true? {statement}"
             return qa_conversation([self.world.render(left), self.world.render(right)],
-                                   [(q, "yes" if label else "no")], task)
+                                   [(PAIR_PROMPT.format(statement), "yes" if label else "no")], task)
         world_cfg = self.world.cfg
         step = i // self.batch_size
         if step < self.spec.curriculum_steps:
@@ -950,7 +957,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
         loss_value = dist.all_reduce(ce_sum)[()].item() / n_global
         if not math.isfinite(loss_value):
             raise SmolVLMError(f"the loss became {loss_value} at step {step + 1}; lower the learning rates "
-                               "(optim.lr_*) or raise optim.warmup")
+                               "(optim.lr_*) or lengthen the warmup (stages.N.warmup_steps)")
         dt = time.time() - t0
 
         done = step + 1

@@ -80,6 +80,10 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 # it so its redraw loop is cheap (1.7 draws per scene; 5 for val and test).
 SPLIT_BUCKETS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
 FILES = ("questions", "captions", "scenes", "pairs")
+# How the shapes trainer asks for a caption (the first is the evaluation prompt) and about an image pair.
+CAPTION_PROMPTS = ("Describe this image.", "What is in this image?", "Caption this picture.")
+CAPTION_PROMPT = CAPTION_PROMPTS[0]
+PAIR_PROMPT = "Is this statement about the two images true? {}"
 
 
 def stable_seed(*parts) -> int:

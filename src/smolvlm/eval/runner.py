@@ -63,10 +63,8 @@ SUITE_TASKS = ("shapes-vqa", "shapes-captions", "shapes-retrieval", "shapes-gqa"
 # each with its 5 captions, so the similarity matrix is 20 x 100).
 SHAPES_DEFAULT_LIMIT = {"shapes-vqa": 200, "shapes-gqa": 200, "shapes-captions": 50, "shapes-retrieval": 20,
                         "shapes-nlvr2": 100}
-CAPTION_PROMPT = "Describe this image."  # the shapes trainer's caption prompt (smolvlm.train.CAPTION_PROMPT)
 # The usual short-answer instruction for VQAv2 / GQA (LLaVA's evaluation prompt).
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-NLVR2_PROMPT = "Is this statement about the two images true? {}"  # what the shapes trainer asks
 MAX_NEW_TOKENS = {"qa": 16, "caption": 48}
 
 
@@ -128,6 +126,7 @@ def _images_dir(args, data: Path) -> Path:
 
 def load_task_data(task: str, args) -> TaskData:
     """The examples of `task` (at most args.limit), from args.data or generated (shapes)."""
+    from smolvlm.data.shapes import PAIR_PROMPT
     from smolvlm.eval import readers
 
     limit = args.limit
@@ -160,7 +159,7 @@ def load_task_data(task: str, args) -> TaskData:
         if any(e.label is None for e in exs):
             raise SmolVLMError(f"{data} has examples without labels (the hidden test set?); accuracy needs them")
         exs = exs[:limit] if limit else exs
-        return TaskData("qa", [QAExample(e.identifier, [e.left_image, e.right_image], NLVR2_PROMPT.format(e.sentence),
+        return TaskData("qa", [QAExample(e.identifier, [e.left_image, e.right_image], PAIR_PROMPT.format(e.sentence),
                                          e.label) for e in exs])
     if task == "coco-captions":
         caps = _read_caption_file(data, images, args.split)
@@ -202,7 +201,7 @@ def _shapes_data(task: str, args) -> TaskData:
     limit = args.limit or SHAPES_DEFAULT_LIMIT[task]
     if args.data is not None:
         return _shapes_export_data(task, Path(args.data), limit)
-    from smolvlm.data.shapes import ShapesWorld
+    from smolvlm.data.shapes import PAIR_PROMPT, ShapesWorld
 
     world = ShapesWorld(seed=args.seed)
     if task in ("shapes-vqa", "shapes-gqa"):
@@ -218,7 +217,7 @@ def _shapes_data(task: str, args) -> TaskData:
     if task in ("shapes-captions", "shapes-retrieval"):
         exs = [CaptionExample(item.scene.id, item.image, item.captions) for item in world.captioning("test", limit)]
         return TaskData("caption" if task == "shapes-captions" else "retrieval", exs)
-    return TaskData("qa", [QAExample(f"pair-{i:06d}", [p.left_image, p.right_image], NLVR2_PROMPT.format(p.statement),
+    return TaskData("qa", [QAExample(f"pair-{i:06d}", [p.left_image, p.right_image], PAIR_PROMPT.format(p.statement),
                                      p.label) for i, p in enumerate(world.pairs("test", limit))])
 
 
@@ -232,6 +231,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _shapes_export_data(task: str, folder: Path, limit: int) -> TaskData:
+    from smolvlm.data.shapes import PAIR_PROMPT
+
     if task in ("shapes-vqa", "shapes-gqa"):
         rows = _read_jsonl(folder / "questions.jsonl")[:limit]
         return TaskData("qa", [
@@ -245,7 +246,7 @@ def _shapes_export_data(task: str, folder: Path, limit: int) -> TaskData:
                         [CaptionExample(r["image"], folder / r["image"], r["captions"]) for r in rows])
     rows = _read_jsonl(folder / "pairs.jsonl")[:limit]
     return TaskData("qa", [QAExample(f"pair-{i:06d}", [folder / r["left"], folder / r["right"]],
-                                     NLVR2_PROMPT.format(r["statement"]), bool(r["label"]))
+                                     PAIR_PROMPT.format(r["statement"]), bool(r["label"]))
                            for i, r in enumerate(rows)])
 
 
@@ -397,6 +398,8 @@ def run_generation(model, processor, run: RunFolder, examples: list, kind: str, 
     """Answer (or caption) every example not yet in `run`; returns (examples done now, seconds)."""
     import torch
 
+    from smolvlm.data.shapes import CAPTION_PROMPT
+
     todo = [ex for ex in examples if str(ex.id) not in run.done]
     max_new = args.max_new_tokens or MAX_NEW_TOKENS["qa" if kind == "qa" else "caption"]
     t0 = time.perf_counter()
@@ -432,6 +435,8 @@ def run_generation(model, processor, run: RunFolder, examples: list, kind: str, 
 def caption_logprobs(model, processor, image, captions: list[str], batch_size: int) -> list[float]:
     """Mean log-probability per token of each caption as the answer to CAPTION_PROMPT about `image`."""
     import torch
+
+    from smolvlm.data.shapes import CAPTION_PROMPT
 
     prefix_text = processor.apply_chat_template(_messages(1, CAPTION_PROMPT), add_generation_prompt=True)
     inputs = processor(prefix_text, images=[[image]])
