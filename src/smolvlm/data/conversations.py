@@ -6,7 +6,6 @@ conversation to model inputs with the loss on assistant tokens only.
 """
 
 import json
-import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,22 +185,3 @@ def collate(examples: list[dict], pad_id: int) -> dict:
                 pm[i, :k, :eh, :ew] = e["pixel_attention_mask"]
         batch["pixel_values"], batch["pixel_attention_mask"] = pv, pm
     return batch
-
-
-def mix(sources: dict[str, list], weights: dict[str, float], n: int, seed: int) -> list:
-    """Multi-task mixing: n items drawn from the named sources with the given weights (seeded)."""
-    unknown = set(weights) - set(sources)
-    if unknown:
-        raise SmolVLMError(f"mixing weights name unknown tasks {sorted(unknown)}; tasks are {sorted(sources)}")
-    names = [k for k in sources if weights.get(k, 0) > 0 and sources[k]]
-    if not names:
-        raise SmolVLMError("the dataset is empty: no task has both examples and a positive weight")
-    rng = random.Random(seed)
-    picks = rng.choices(names, weights=[weights[k] for k in names], k=n)
-    counters = dict.fromkeys(names, 0)
-    out = []
-    for k in picks:
-        src = sources[k]
-        out.append(src[counters[k] % len(src)])
-        counters[k] += 1
-    return out

@@ -1,0 +1,95 @@
+"""Conversation records: assistant-only labels that match what generation sees, batching, readers."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from smolvlm.data.conversations import (
+    IGNORE,
+    collate,
+    from_hf_dataset,
+    qa_conversation,
+    read_llava_json,
+    tokenize_conversation,
+)
+from smolvlm.errors import SmolVLMError
+from smolvlm.train import PRESETS, build_model
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_model(PRESETS["test-tiny"]().model, 0)[1]
+
+
+def spans(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The runs of labelled tokens."""
+    out, run = [], []
+    for i, lab in zip(ids, labels, strict=True):
+        if lab == IGNORE:
+            if run:
+                out.append(run)
+            run = []
+        else:
+            assert lab == i
+            run.append(i)
+    return out + ([run] if run else [])
+
+
+def test_labels_cover_exactly_the_answers(processor):
+    conv = qa_conversation([Image.new("RGB", (32, 32), "red")], [("What color?", "red"), ("How many?", "1")])
+    ex = tokenize_conversation(conv, processor)
+    answers = [processor.decode(s, skip_special_tokens=False) for s in spans(ex["input_ids"], ex["labels"])]
+    assert answers == [" red<end_of_utterance>\n", " 1<end_of_utterance>\n"]
+    # the tokens are those of the whole chat rendered at once, i.e. what generation sees turn by turn
+    whole = processor(processor.apply_chat_template(conv.messages, add_generation_prompt=False),
+                      images=[conv.images])
+    assert ex["input_ids"] == whole["input_ids"][0].tolist()
+    torch.testing.assert_close(ex["pixel_values"], whole["pixel_values"][0])
+    with pytest.raises(SmolVLMError, match="over the limit of 10"):
+        tokenize_conversation(conv, processor, max_len=10)
+
+
+def test_collate_pads_right_and_masks_padding(processor):
+    a = tokenize_conversation(qa_conversation([Image.new("RGB", (32, 32), "red")], [("Q?", "yes")]), processor)
+    b = tokenize_conversation(qa_conversation([], [("A longer question without an image?", "no")]), processor)
+    batch = collate([a, b], pad_id=7)
+    n_a, n_b = len(a["input_ids"]), len(b["input_ids"])
+    assert batch["input_ids"].shape == (2, max(n_a, n_b))
+    assert batch["attention_mask"].sum(1).tolist() == [n_a, n_b]
+    short = 0 if n_a < n_b else 1
+    assert (batch["input_ids"][short, min(n_a, n_b):] == 7).all()
+    assert (batch["labels"][short, min(n_a, n_b):] == IGNORE).all()
+    assert batch["pixel_values"].shape[:2] == (2, 1) and not batch["pixel_values"][1].any()
+
+
+def test_read_llava_json(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    (tmp_path / "d.json").write_text(json.dumps([
+        {"image": "x.png", "conversations": [{"from": "human", "value": "What is it?"},
+                                             {"from": "gpt", "value": "A square."}]},
+        {"image": "x.png", "conversations": [{"from": "human", "value": "Look: <image> and say"},
+                                             {"from": "gpt", "value": "ok"}]},
+    ]))
+    first, second = read_llava_json(tmp_path / "d.json")
+    assert first.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    assert first.images == [tmp_path / "x.png"]
+    assert [p["type"] for p in second.messages[0]["content"]] == ["text", "image", "text"]
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "x.png"}]))
+    with pytest.raises(SmolVLMError, match="record 0 is not a LLaVA conversation"):
+        read_llava_json(tmp_path / "bad.json")
+    (tmp_path / "notjson.json").write_text("{")
+    with pytest.raises(SmolVLMError, match="not valid UTF-8 JSON"):
+        read_llava_json(tmp_path / "notjson.json")
+
+
+def test_hf_dataset_rows_become_conversations(processor):
+    image = Image.new("RGB", (32, 32), "blue")
+    rows = [{"image": image, "text": "a blue square"}, {"image": image, "q": "Color?", "text": "blue"}]
+    convs = list(from_hf_dataset(rows[:1])) + list(from_hf_dataset(rows[1:], question_column="q"))
+    assert convs[0].messages[0]["content"][-1]["text"] == "Describe this image."
+    assert convs[1].messages[0]["content"][-1]["text"] == "Color?"
+    ex = tokenize_conversation(convs[0], processor)
+    answer = spans(ex["input_ids"], ex["labels"])
+    assert processor.decode(answer[0], skip_special_tokens=False) == " a blue square<end_of_utterance>\n"
