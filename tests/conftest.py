@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from reference import make_hf_smolvlm
 from smolvlm.special_tokens import smolvlm_added_tokens
@@ -53,3 +54,12 @@ def tiny_hf_checkpoint(tmp_path_factory, smolvlm_tokenizer_dir):
     folder = tmp_path_factory.mktemp("tiny-smolvlm")
     model = make_hf_smolvlm(folder, smolvlm_tokenizer_dir)
     return folder, model
+
+
+@pytest.fixture(scope="module")
+def restore_torch_threads():
+    """For modules whose commands run with --threads 1, which sets torch's thread count for the whole
+    process: put it back afterwards (use with pytest.mark.usefixtures)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -4,7 +4,6 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from smolvlm.checkpoint import load
@@ -13,15 +12,8 @@ from smolvlm.generation import SamplingParams, generate
 from smolvlm.processing import open_image
 
 PROMPT = "Describe this image in one sentence."
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    """The commands run here with --threads 1, which sets torch's thread count for the whole process."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

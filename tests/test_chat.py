@@ -5,7 +5,6 @@ import io
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from smolvlm.checkpoint import load
@@ -13,15 +12,8 @@ from smolvlm.cli import main
 from smolvlm.generation import SamplingParams, generate
 
 N = 8
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    """The commands run here with --threads 1, which sets torch's thread count for the whole process."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
