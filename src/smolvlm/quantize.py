@@ -284,7 +284,7 @@ def prepare_for_inference(model, quantize: str | None = None, group_size: int = 
     for block in model.text_model.layers:
         fuse(block.self_attn, ("q_proj", "k_proj", "v_proj"))
         fuse(block.mlp, ("gate_proj", "up_proj"))
-    if model.has_vision:
+    if model.has_vision and hasattr(model.vision_model, "encoder"):  # a ViT (the CNN has no attention)
         for block in model.vision_model.encoder["layers"]:
             fuse(block.self_attn, ("q_proj", "k_proj", "v_proj"))
     return model

@@ -36,6 +36,7 @@ from torch import nn
 from smolvlm.data.conversations import IGNORE, Conversation, collate, qa_conversation, tokenize_conversation
 from smolvlm.errors import SmolVLMError
 from smolvlm.lora import LoRAConfig, add_lora, lora_modules, merge_lora, save_adapters
+from smolvlm.models.cnn import CNNConfig, init_cnn
 from smolvlm.models.decoder import DecoderConfig
 from smolvlm.models.vision import VisionConfig
 from smolvlm.models.vlm import VLM, VLMConfig
@@ -55,7 +56,9 @@ class ModelSpec:
     # assemble: the pretrained decoder.
     decoder: str = "smollm2-135m-instruct"
     text: DecoderConfig = field(default_factory=DecoderConfig)  # scratch only (vocab_size is set from the tokenizer)
-    vision: VisionConfig = field(default_factory=VisionConfig)  # scratch and assemble
+    vision_type: str = "vit"  # "vit": the SigLIP-style ViT `vision` (SmolVLM's); "cnn": the MobileNet-style `cnn`
+    vision: VisionConfig = field(default_factory=VisionConfig)  # scratch and assemble, vision_type vit
+    cnn: CNNConfig = field(default_factory=CNNConfig)  # scratch and assemble, vision_type cnn
     scale_factor: int = 2  # pixel shuffle: image tokens per tile = (image_size / patch_size / scale_factor)^2
     image_splitting: bool = False  # SmolVLM's tiles + global image (off: one resized image)
     blind: bool = False  # a text-only model that never sees the images (the baseline of the demo)
@@ -139,6 +142,8 @@ class TrainConfig:
             raise SmolVLMError("a blind (text-only) model has no vision encoder or connector to train")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise SmolVLMError("batch_size and grad_accum must be >= 1")
+        if self.model.vision_type not in ("vit", "cnn"):
+            raise SmolVLMError(f"model.vision_type must be 'vit' or 'cnn', got {self.model.vision_type!r}")
         if self.data.source not in ("shapes", "llava"):
             raise SmolVLMError(f"data.source must be 'shapes' or 'llava', got {self.data.source!r}")
         if self.data.source == "llava" and not self.data.path:
@@ -394,6 +399,12 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def init_vision(vision: nn.Module) -> None:
+    init_weights(vision)
+    if isinstance(vision.cfg, CNNConfig):
+        init_cnn(vision)
+
+
 def text_processor_for(source: str):
     """The tokenizer (and its special tokens) of a GGUF file, packaged model or checkpoint folder."""
     from smolvlm.checkpoint import gguf_text_processor, resolve
@@ -412,7 +423,7 @@ def build_model(spec: ModelSpec, seed: int):
     from smolvlm.processing import ImageProcessingConfig
     from smolvlm.special_tokens import IMAGE
 
-    vision = spec.vision
+    vision = spec.cnn if spec.vision_type == "cnn" else spec.vision
     image_config = ImageProcessingConfig(
         longest_edge=(4 if spec.image_splitting else 1) * vision.image_size, max_image_size=vision.image_size,
         do_image_splitting=spec.image_splitting,
@@ -435,6 +446,8 @@ def build_model(spec: ModelSpec, seed: int):
         torch.manual_seed(seed)
         model = VLM(cfg)
         init_weights(model)
+        if model.has_vision:
+            init_vision(model.vision_model)
         return model, processor
     if spec.init == "assemble":
         if spec.blind:
@@ -445,7 +458,7 @@ def build_model(spec: ModelSpec, seed: int):
                                     seed=seed)
         processor.image_config = image_config
         # a fresh vision side gets the small init too; the pretrained decoder keeps its weights
-        init_weights(model.vision_model)
+        init_vision(model.vision_model)
         init_weights(model.connector)
         return model, processor
     model, processor = load(spec.init, "float32")

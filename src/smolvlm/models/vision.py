@@ -29,6 +29,22 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
 
+def grid_position_ids(patch_mask: torch.Tensor, side: int) -> torch.Tensor:
+    """NaViT-style positions: the real (unpadded) patch grid of each image is stretched over the
+    encoder's full side x side position grid by bucketing fractional coordinates.
+    patch_mask (N, h, w) bool -> ids (N, h*w), 0 on padding patches."""
+    n, h, w = patch_mask.shape
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, device=patch_mask.device)
+    rows = patch_mask[:, :, 0].sum(dim=1)  # (N,) real patch rows
+    cols = patch_mask[:, 0, :].sum(dim=1)  # (N,) real patch cols
+    frac_h = torch.arange(h, device=patch_mask.device, dtype=torch.float32)[None, :] * (1.0 / rows)[:, None]
+    frac_w = torch.arange(w, device=patch_mask.device, dtype=torch.float32)[None, :] * (1.0 / cols)[:, None]
+    bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=True)  # (N, h)
+    bucket_w = torch.bucketize(frac_w.clamp(max=1.0 - 1e-6), boundaries, right=True)  # (N, w)
+    ids = (bucket_h[:, :, None] * side + bucket_w[:, None, :]).reshape(n, -1)  # (N, h*w)
+    return torch.where(patch_mask.reshape(n, -1), ids, 0)
+
+
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -36,25 +52,10 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
         self.position_embedding = nn.Embedding(cfg.patches_per_side**2, cfg.hidden_size)
 
-    def position_ids(self, patch_mask: torch.Tensor) -> torch.Tensor:
-        """NaViT-style positions: the real (unpadded) patch grid of each image is stretched over the
-        encoder's full position grid by bucketing fractional coordinates. patch_mask: (N, h, w) bool."""
-        n, h, w = patch_mask.shape
-        side = self.cfg.patches_per_side
-        boundaries = torch.arange(1 / side, 1.0, 1 / side, device=patch_mask.device)
-        rows = patch_mask[:, :, 0].sum(dim=1)  # (N,) real patch rows
-        cols = patch_mask[:, 0, :].sum(dim=1)  # (N,) real patch cols
-        frac_h = torch.arange(h, device=patch_mask.device, dtype=torch.float32)[None, :] * (1.0 / rows)[:, None]
-        frac_w = torch.arange(w, device=patch_mask.device, dtype=torch.float32)[None, :] * (1.0 / cols)[:, None]
-        bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=True)  # (N, h)
-        bucket_w = torch.bucketize(frac_w.clamp(max=1.0 - 1e-6), boundaries, right=True)  # (N, w)
-        ids = (bucket_h[:, :, None] * side + bucket_w[:, None, :]).reshape(n, -1)  # (N, h*w)
-        return torch.where(patch_mask.reshape(n, -1), ids, 0)
-
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values)  # (N, D, h, w)
         x = x.flatten(2).transpose(1, 2)  # (N, h*w, D)
-        return x + self.position_embedding(self.position_ids(patch_mask))
+        return x + self.position_embedding(grid_position_ids(patch_mask, self.cfg.patches_per_side))
 
 
 class VisionAttention(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.models.cnn import CNNConfig, CNNEncoder
 from smolvlm.models.connector import Connector
 from smolvlm.models.decoder import Decoder, DecoderConfig, KVCache
 from smolvlm.models.vision import VisionConfig, VisionEncoder
@@ -23,7 +24,8 @@ from smolvlm.models.vision import VisionConfig, VisionEncoder
 @dataclass
 class VLMConfig:
     text: DecoderConfig = field(default_factory=DecoderConfig)
-    vision: VisionConfig | None = field(default_factory=VisionConfig)  # None: text-only model
+    # VisionConfig: SigLIP-style ViT (SmolVLM's); CNNConfig: MobileNet-style CNN; None: text-only model
+    vision: VisionConfig | CNNConfig | None = field(default_factory=VisionConfig)
     scale_factor: int = 4  # pixel-shuffle factor of the connector
     image_token_id: int = 49190
 
@@ -67,7 +69,8 @@ class VLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.vision is not None:
-            self.vision_model = VisionEncoder(cfg.vision)
+            cnn = isinstance(cfg.vision, CNNConfig)
+            self.vision_model = CNNEncoder(cfg.vision) if cnn else VisionEncoder(cfg.vision)
             self.connector = Connector(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.scale_factor)
         self.text_model = Decoder(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
