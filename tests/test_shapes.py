@@ -449,3 +449,30 @@ def test_bad_config_and_arguments_raise_clear_errors():
         make_scene(WorldConfig(image_size=32, sizes=(("huge", 0.5),), max_objects=9, min_objects=9), "train", 0)
     with pytest.raises(SmolVLMError, match="px"):
         render(make_scene(CFG, "train", 0), WorldConfig(image_size=32))
+
+
+def test_training_turns_do_not_reveal_each_other():
+    """Unscheduled questions (the training conversations): a turn's type and yes/no answer cannot be
+    read off the earlier turns, as they could under the evaluation schedule (types cycle, yes/no
+    alternates)."""
+    def stats(scheduled: bool) -> tuple[float, float]:
+        same_type = flipped = pairs = yn_pairs = 0
+        for i, s in enumerate(WORLD.scenes("train", 300)):
+            qs = shapes.questions(s, random.Random(i), 8, CFG, scheduled=scheduled)
+            for a, b in itertools.combinations(qs, 2):
+                pairs += 1
+                same_type += a.qtype == b.qtype
+                if a.qtype == b.qtype and a.qtype in YES_NO_TYPES:
+                    yn_pairs += 1
+                    flipped += a.answer != b.answer
+        return same_type / pairs, flipped / yn_pairs
+
+    same, flipped = stats(scheduled=False)
+    assert 0.12 <= same <= 0.22 and 0.4 <= flipped <= 0.6, (same, flipped)  # 1/6 and 1/2: no pattern
+    same, flipped = stats(scheduled=True)
+    assert flipped > 0.9  # the schedule's alternation, which training must not see
+    qs = [q for i, s in enumerate(WORLD.scenes("train", 300))
+          for q in shapes.questions(s, random.Random(i), 4, CFG, scheduled=False)]
+    for t in YES_NO_TYPES:
+        answers = [q.answer for q in qs if q.qtype == t]
+        assert 0.4 <= answers.count("yes") / len(answers) <= 0.6, t

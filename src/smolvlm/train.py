@@ -573,7 +573,7 @@ class ShapesTrainingData:
         image = self.world.render(scene)
         if task == "caption":
             return qa_conversation([image], [(rng.choice(CAPTION_PROMPTS), rng.choice(captions(scene)))], task)
-        qs = questions(scene, rng, self.spec.questions_per_image, world_cfg)
+        qs = questions(scene, rng, self.spec.questions_per_image, world_cfg, scheduled=False)
         return qa_conversation([image], [(q.question, q.answer) for q in qs], task)
 
 

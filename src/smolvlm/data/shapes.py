@@ -515,14 +515,20 @@ def _pick_balanced(fams: dict[str, list[Question]], rng: random.Random, want: st
     return rng.choice(by_answer[answer])
 
 
-def questions(scene: Scene, rng: random.Random, n: int = 4, cfg: WorldConfig | None = None) -> list[Question]:
+def questions(scene: Scene, rng: random.Random, n: int = 4, cfg: WorldConfig | None = None,
+              scheduled: bool = True) -> list[Question]:
     """Up to `n` distinct questions about the scene (fewer only if it supports fewer).
 
-    Types and yes/no answers follow a schedule keyed on the scene index rather than coin flips, so
-    they are balanced exactly over consecutive scenes, not just on average: scene i asks slots
-    i*n .. i*n+n-1 of an endless cycle through the question types (a type the scene cannot support,
-    e.g. relation with one object, passes the slot to the next type), and each yes/no type
-    alternates between "yes" and "no" from one occurrence to the next. `rng` picks the rest."""
+    scheduled (evaluation sets): types and yes/no answers follow a schedule keyed on the scene index
+    rather than coin flips, so they are balanced exactly over consecutive scenes, not just on average:
+    scene i asks slots i*n .. i*n+n-1 of an endless cycle through the question types (a type the scene
+    cannot support, e.g. relation with one object, passes the slot to the next type), and each yes/no
+    type alternates between "yes" and "no" from one occurrence to the next. `rng` picks the rest.
+
+    scheduled=False (training conversations, where one image's questions are turns of one sequence):
+    each turn draws its type and its yes/no answer from `rng`. Under the schedule, a turn's type and
+    answer follow from the earlier turns' (the type cycle repeats, yes/no alternates), a text-only
+    shortcut a model learns instead of looking at the image."""
     cfg = cfg or scene.cfg
     types = cfg.question_types
     T = len(types)
@@ -530,6 +536,8 @@ def questions(scene: Scene, rng: random.Random, n: int = 4, cfg: WorldConfig | N
     pools: dict[str, dict[str, list[Question]]] = {}
     out, asked = [], set()
     for slot in range(scene.index * n + offset, scene.index * n + offset + n):
+        if not scheduled:
+            slot = rng.randrange(T * 2)  # type and yes/no phase at random
         for k in range(T):
             t = types[(slot + k) % T]
             if t not in pools:
