@@ -12,18 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolvlm.models.decoder import MLP, DecoderConfig, RMSNorm
+from smolvlm.models.decoder import MLP, Attention, DecoderConfig, RMSNorm
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.cfg = cfg
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+class CrossAttention(Attention):
+    """Self-attention's projections (q from the text, k and v from the visual memory), no rotary positions."""
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory (B, M, D) -> k, v (B, Hkv, M, hd); no positions (the visual tokens carry their own)."""
