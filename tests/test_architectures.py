@@ -261,3 +261,17 @@ def test_option_errors_are_one_clear_line(tmp_path, capsys):
 
 def test_cli_knows_the_connectors_without_importing_torch():
     assert cli.CONNECTORS == CONNECTORS
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_contrastive_alignment_stage(tmp_path):
+    from smolvlm.train import read_metrics, train
+
+    cfg = resolve_config("test-tiny", None, ["stages.0.objective=contrastive", "stages.0.train=[vision,connector]",
+                                             "stages.0.steps=4", "threads=1", "bf16=false"])
+    result = train(cfg, tmp_path / "align", progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "align")]
+    # SigLIP's start: b = -10 makes each of the B positives cost about 10 and the negatives about 0
+    assert losses[0] == pytest.approx(10.0, abs=0.5) and losses[-1] < losses[0]
+    model, _ = load(result.model_dir)
+    assert model.has_contrastive and model.contrastive.logit_bias.item() != -10.0
