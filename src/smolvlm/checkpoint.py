@@ -32,8 +32,10 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-# "smolvlm_variant": smolvlm's own options beyond the SmolVLM layout (e.g. a CNN vision encoder); the
-# distinct model_type makes transformers refuse such a checkpoint instead of loading it wrongly.
+# "smolvlm_variant": smolvlm's own options beyond the SmolVLM layout (a CNN vision encoder, the mlp / ldp /
+# cross-attention connectors, shared decoder layers, a contrastive head: the top-level keys "connector",
+# "cross_attention_every", "contrastive" and the text config's "layer_repeats" say which); the distinct
+# model_type makes transformers refuse such a checkpoint instead of loading it wrongly.
 VARIANT_MODEL_TYPE = "smolvlm_variant"
 VLM_MODEL_TYPES = ("smolvlm", "idefics3", VARIANT_MODEL_TYPE)
 TEXT_MODEL_TYPES = ("llama",)
@@ -71,6 +73,7 @@ def text_config_from_hf(c: dict) -> DecoderConfig:
         rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
         max_position_embeddings=c.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        layer_repeats=c.get("layer_repeats", 1),  # smolvlm_variant only
     )
 
 
@@ -104,6 +107,9 @@ def config_from_hf(c: dict) -> VLMConfig:
             vision=cnn_config_from_dict(vc) if vc.get("model_type") == "smolvlm_cnn" else vision_config_from_hf(vc),
             scale_factor=c.get("scale_factor", 2),
             image_token_id=c.get("image_token_id", 128257),
+            connector=c.get("connector", "pixel-shuffle"),
+            cross_attention_every=c.get("cross_attention_every", 2),
+            contrastive=bool(c.get("contrastive", False)),
         )
     if model_type in TEXT_MODEL_TYPES:
         return VLMConfig(text=text_config_from_hf(c), vision=None)
@@ -131,6 +137,7 @@ def text_config_to_hf(t: DecoderConfig, special: dict) -> dict:
         "tie_word_embeddings": t.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
+        **({"layer_repeats": t.layer_repeats} if t.layer_repeats != 1 else {}),
         **special,
     }
 
@@ -139,6 +146,9 @@ def config_to_hf(cfg: VLMConfig, special: dict, dtype: torch.dtype) -> dict:
     """special: bos/eos/pad token ids for the text config."""
     dtype_name = str(dtype).removeprefix("torch.")
     if cfg.vision is None:
+        if cfg.text.layer_repeats != 1:
+            raise SmolVLMError("a text-only model with shared layers (layer_repeats) has no Llama layout to save "
+                               "as; give it a vision encoder or layer_repeats 1")
         return {"architectures": ["LlamaForCausalLM"], **text_config_to_hf(cfg.text, special), "dtype": dtype_name}
     v = cfg.vision
     if isinstance(v, CNNConfig):
@@ -156,12 +166,18 @@ def config_to_hf(cfg: VLMConfig, special: dict, dtype: torch.dtype) -> dict:
             "hidden_act": "gelu_pytorch_tanh",
             "layer_norm_eps": v.layer_norm_eps,
         }
-    smolvlm_layout = isinstance(v, VisionConfig)
+    smolvlm_layout = cfg.smolvlm_layout
+    options = {}
+    if not smolvlm_layout:
+        options = {"connector": cfg.connector, "contrastive": cfg.contrastive}
+        if cfg.connector == "cross-attention":
+            options["cross_attention_every"] = cfg.cross_attention_every
     return {
         "architectures": ["SmolVLMForConditionalGeneration" if smolvlm_layout else "SmolVLMVariant"],
         "model_type": "smolvlm" if smolvlm_layout else VARIANT_MODEL_TYPE,
         "image_token_id": cfg.image_token_id,
         "scale_factor": cfg.scale_factor,
+        **options,
         "tie_word_embeddings": cfg.text.tie_word_embeddings,
         "dtype": dtype_name,
         "vision_config": vision_config,
@@ -179,7 +195,7 @@ def hf_key_to_ours(key: str, text_only: bool) -> str | None:
         if key.startswith("model."):
             return "text_model." + key.removeprefix("model.")
         return key if key.startswith("lm_head.") else None  # lm_head.weight (+ weight_scale when quantized)
-    for prefix in ("model.vision_model.", "model.connector.", "model.text_model."):
+    for prefix in ("model.vision_model.", "model.connector.", "model.contrastive.", "model.text_model."):
         if key.startswith(prefix):
             return key.removeprefix("model.")
     return key if key.startswith("lm_head.") else None  # lm_head.weight (+ weight_scale when quantized)
@@ -471,6 +487,9 @@ def assemble(
     image_size: int | None = None,
     dtype: str | torch.dtype = "float32",
     seed: int = 0,
+    connector: str = "pixel-shuffle",
+    cross_attention_every: int = 2,
+    contrastive: bool = False,
 ) -> tuple[VLM, Processor]:
     """A SmolVLM from parts: a SigLIP checkpoint (or a VisionConfig / CNNConfig for a fresh encoder), a Llama/SmolLM2
     decoder (folder or GGUF). SmolVLM's image tokens are appended to the vocabulary (embedding rows
@@ -489,12 +508,15 @@ def assemble(
     tokenizer = add_image_tokens(text_processor.tokenizer)
     text_cfg = replace(text_model.cfg.text, vocab_size=tokenizer.get_vocab_size())
     cfg = VLMConfig(text=text_cfg, vision=vision_cfg, scale_factor=scale_factor,
-                    image_token_id=tokenizer.token_to_id(IMAGE))
+                    image_token_id=tokenizer.token_to_id(IMAGE), connector=connector,
+                    cross_attention_every=cross_attention_every, contrastive=contrastive)
     torch.manual_seed(seed)
     model = VLM(cfg).to(dtype)
     with torch.no_grad():
         old = text_model.state_dict()
         for name, p in model.text_model.state_dict().items():
+            if name.startswith("cross_layers."):
+                continue  # new cross-attention layers: fresh (their gates start closed)
             src = old["text_model." + name]
             if name == "embed_tokens.weight":
                 n = min(src.shape[0], p.shape[0])

@@ -13,11 +13,17 @@ EXIT_USAGE = 2
 # The names of smolvlm.train.PRESETS, for `train --help` without importing torch (tests/test_train.py
 # checks that they agree).
 TRAIN_PRESETS = ("shapes-tiny", "smollm2-shapes", "test-tiny")
+# smolvlm.models.connector.CONNECTORS, for `train --help` without importing torch (tests check they agree)
+CONNECTORS = ("pixel-shuffle", "mlp", "ldp", "cross-attention")
+# `train` options that are shorthands for config keys (the values are checked with the config)
+TRAIN_OPTION_KEYS = {"vision": "model.vision_type", "connector": "model.connector",
+                     "cross_attention_every": "model.cross_attention_every", "share_layers": "model.text.layer_repeats",
+                     "contrastive_weight": "contrastive_weight", "max_minutes": "max_minutes"}
 
 # Sub-commands that live beside the code they drive. Each module has `add_parser(subparsers)`, which
 # registers its sub-command with `set_defaults(func=...)`, and keeps heavy imports inside its functions.
 COMMAND_MODULES: list[str] = ["smolvlm.demo", "smolvlm.serve.cli", "smolvlm.caption", "smolvlm.chat",
-                              "smolvlm.eval.score", "smolvlm.eval.runner", "smolvlm.bench"]
+                              "smolvlm.eval.score", "smolvlm.eval.runner", "smolvlm.bench", "smolvlm.ablate"]
 
 
 def build_messages(prompt: str, n_images: int) -> list[dict]:
@@ -85,7 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from smolvlm.train import config_to_dict, resolve_config, train
 
-    cfg = resolve_config(args.preset, args.config, args.overrides)
+    shorthands = [f"{key}={getattr(args, name)}" for name, key in TRAIN_OPTION_KEYS.items()
+                  if getattr(args, name) is not None]
+    cfg = resolve_config(args.preset, args.config, shorthands + args.overrides)
     if args.print_config:
         import yaml
 
@@ -166,6 +174,23 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", help=f"starting config: {', '.join(TRAIN_PRESETS)} (default: the dataclass defaults)")
     t.add_argument("--config", metavar="FILE", help="YAML file of config keys, applied over the preset")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
+    arch = t.add_argument_group("architecture options (docs/architectures.md; any but the defaults saves a "
+                                "smolvlm_variant checkpoint)")
+    arch.add_argument("--vision", metavar="{vit,cnn}", help="vision encoder: vit (SigLIP-style, default) or cnn "
+                      "(MobileNet-style) = model.vision_type")
+    arch.add_argument("--connector", metavar="{" + ",".join(CONNECTORS) + "}",
+                      help="how image features reach the decoder (default pixel-shuffle) = model.connector")
+    arch.add_argument("--cross-attention-every", type=int, metavar="K",
+                      help="cross-attention: a gated cross-attention layer before every K-th decoder block "
+                           "(default 2) = model.cross_attention_every")
+    arch.add_argument("--share-layers", type=int, metavar="K",
+                      help="run each decoder block K times in a row, weights shared (default 1) = "
+                           "model.text.layer_repeats")
+    arch.add_argument("--contrastive-weight", type=float, metavar="W",
+                      help="add W x a SigLIP image-caption loss (a contrastive head) = contrastive_weight")
+    t.add_argument("--max-minutes", type=float, metavar="M",
+                   help="wall-clock budget: the schedule is fitted to it and the run ends when it is spent = "
+                        "max_minutes")
     t.add_argument("--out", required=True, metavar="DIR", help="run folder (new, or the run to --resume)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after global step N (resume later)")

@@ -6,7 +6,10 @@
       -> stages: freeze/unfreeze vision, connector, decoder, or LoRA on the decoder; AdamW per stage
          with per-group learning rates, linear warmup + cosine decay
       -> each step: micro-batches (gradient accumulation) under bf16 autocast, loss on assistant tokens,
-         optional distillation from a teacher, gradient clipping, DDP all-reduce when under torchrun
+         optional distillation from a teacher, optional SigLIP contrastive loss (auxiliary, or a stage's
+         only objective), gradient clipping, DDP all-reduce when under torchrun
+      -> optional time budget (max_minutes): the schedule is stretched or shrunk to the steps the budget
+         buys at the speed of the first steps, and the run ends cleanly when the budget is spent
       -> OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/step-N.pt (atomic), OUT/model (SmolVLM folder)
 
 Loss normalization: every step's loss is (sum of token losses over the whole global batch) / (number of
@@ -37,6 +40,8 @@ from smolvlm.data.conversations import IGNORE, Conversation, collate, qa_convers
 from smolvlm.errors import SmolVLMError
 from smolvlm.lora import LoRAConfig, add_lora, lora_modules, merge_lora, save_adapters
 from smolvlm.models.cnn import CNNConfig, init_cnn
+from smolvlm.models.connector import CONNECTORS
+from smolvlm.models.contrastive import sigmoid_loss
 from smolvlm.models.decoder import DecoderConfig
 from smolvlm.models.vision import VisionConfig
 from smolvlm.models.vlm import VLM, VLMConfig
@@ -60,6 +65,9 @@ class ModelSpec:
     vision: VisionConfig = field(default_factory=VisionConfig)  # scratch and assemble, vision_type vit
     cnn: CNNConfig = field(default_factory=CNNConfig)  # scratch and assemble, vision_type cnn
     scale_factor: int = 2  # pixel shuffle: image tokens per tile = (image_size / patch_size / scale_factor)^2
+    # "pixel-shuffle" (SmolVLM's), "mlp", "ldp" or "cross-attention" (models/connector.py); scratch and assemble
+    connector: str = "pixel-shuffle"
+    cross_attention_every: int = 2  # connector cross-attention: a gated cross-attention block every k decoder blocks
     image_splitting: bool = False  # SmolVLM's tiles + global image (off: one resized image)
     blind: bool = False  # a text-only model that never sees the images (the baseline of the demo)
 
@@ -87,6 +95,9 @@ class Stage:
     steps: int = 1000
     train: list = field(default_factory=lambda: ["vision", "connector", "decoder"])  # parts updated
     warmup_steps: int = 50
+    # "lm": next-token loss on the answers (+ contrastive_weight x the contrastive loss); "contrastive": the
+    # SigLIP image-caption loss alone (an alignment stage)
+    objective: str = "lm"
 
 
 @dataclass
@@ -125,6 +136,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     workers: int = 1  # data-preparation processes (they overlap with compute)
     threads: int = 0  # torch threads per process (0 = cores / processes)
+    contrastive_weight: float = 0.0  # > 0: + this x SigLIP's image-caption loss in every "lm" stage
+    max_minutes: float = 0.0  # > 0: a wall-clock budget for the whole run (the stages' steps are rescaled to it)
+
+    @property
+    def contrastive(self) -> bool:
+        """The model needs a contrastive head: some stage's loss uses it."""
+        return self.contrastive_weight > 0 or any(s.objective == "contrastive" for s in self.stages)
 
     def check(self) -> None:
         if not self.stages:
@@ -138,12 +156,38 @@ class TrainConfig:
                 raise SmolVLMError(f"stage {s.name!r} trains both the decoder and LoRA adapters on it; pick one")
             if s.steps < 1 or s.warmup_steps < 0:
                 raise SmolVLMError(f"stage {s.name!r}: steps must be >= 1 and warmup_steps >= 0")
+            if s.objective not in ("lm", "contrastive"):
+                raise SmolVLMError(f"stage {s.name!r}: objective must be 'lm' or 'contrastive', got {s.objective!r}")
         if self.model.blind and any("vision" in s.train or "connector" in s.train for s in self.stages):
             raise SmolVLMError("a blind (text-only) model has no vision encoder or connector to train")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise SmolVLMError("batch_size and grad_accum must be >= 1")
         if self.model.vision_type not in ("vit", "cnn"):
             raise SmolVLMError(f"model.vision_type must be 'vit' or 'cnn', got {self.model.vision_type!r}")
+        if self.model.connector not in CONNECTORS:
+            raise SmolVLMError(f"unknown connector {self.model.connector!r} (model.connector / --connector); "
+                               f"choose one of {', '.join(CONNECTORS)}")
+        if self.model.text.layer_repeats < 1 or self.model.cross_attention_every < 1:
+            raise SmolVLMError("model.text.layer_repeats (--share-layers) and model.cross_attention_every must be >= 1")
+        spec, default = self.model, ModelSpec()
+        if spec.init not in ("scratch", "assemble"):
+            changed = [k for k in ("vision_type", "connector", "cross_attention_every", "scale_factor")
+                       if getattr(spec, k) != getattr(default, k)]
+            changed += ["text.layer_repeats"] * (spec.text.layer_repeats != 1)
+            if changed:
+                raise SmolVLMError(f"model.init={spec.init} keeps that checkpoint's architecture; drop model."
+                                   f"{changed[0]} (architecture options apply to scratch and assemble)")
+        if spec.init == "assemble" and spec.text.layer_repeats != 1:
+            raise SmolVLMError("--share-layers (model.text.layer_repeats) builds a decoder from scratch; "
+                               "model.init=assemble keeps the pretrained decoder's layers")
+        if spec.blind and (self.contrastive or spec.text.layer_repeats != 1 or spec.connector != "pixel-shuffle"):
+            raise SmolVLMError("a blind (text-only) model takes no vision options (connector, contrastive loss, "
+                               "share-layers); drop them or model.blind")
+        if self.contrastive_weight < 0 or self.max_minutes < 0:
+            raise SmolVLMError("contrastive_weight and max_minutes must be >= 0")
+        if self.contrastive and self.data.source != "shapes":
+            raise SmolVLMError("the contrastive loss needs a caption per example, which only data.source=shapes "
+                               "provides; set contrastive_weight=0 and use no 'contrastive' stage")
         if self.data.source not in ("shapes", "llava"):
             raise SmolVLMError(f"data.source must be 'shapes' or 'llava', got {self.data.source!r}")
         if self.data.source == "llava" and not self.data.path:
@@ -417,8 +461,8 @@ def text_processor_for(source: str):
     return Processor.from_pretrained(path)
 
 
-def build_model(spec: ModelSpec, seed: int):
-    """(model in float32, processor) for a model spec."""
+def build_model(spec: ModelSpec, seed: int, contrastive: bool = False):
+    """(model in float32, processor) for a model spec; contrastive: give it a contrastive head."""
     from smolvlm.checkpoint import add_image_tokens, assemble, load, vision_processor
     from smolvlm.processing import ImageProcessingConfig
     from smolvlm.special_tokens import IMAGE
@@ -441,7 +485,8 @@ def build_model(spec: ModelSpec, seed: int):
         else:
             cfg = VLMConfig(text=dataclasses.replace(spec.text, vocab_size=tokenizer.get_vocab_size()),
                             vision=vision, scale_factor=spec.scale_factor,
-                            image_token_id=tokenizer.token_to_id(IMAGE))
+                            image_token_id=tokenizer.token_to_id(IMAGE), connector=spec.connector,
+                            cross_attention_every=spec.cross_attention_every, contrastive=contrastive)
             processor = vision_processor(text_processor, tokenizer, image_config, cfg.image_seq_len)
         torch.manual_seed(seed)
         model = VLM(cfg)
@@ -455,14 +500,30 @@ def build_model(spec: ModelSpec, seed: int):
             return model, processor
         torch.manual_seed(seed)
         model, processor = assemble(vision, spec.decoder, scale_factor=spec.scale_factor, dtype="float32",
-                                    seed=seed)
+                                    seed=seed, connector=spec.connector,
+                                    cross_attention_every=spec.cross_attention_every, contrastive=contrastive)
         processor.image_config = image_config
         # a fresh vision side gets the small init too; the pretrained decoder keeps its weights
         init_vision(model.vision_model)
-        init_weights(model.connector)
+        for part in bridge_modules(model):
+            init_weights(part)
         return model, processor
     model, processor = load(spec.init, "float32")
+    if contrastive and not model.has_contrastive:
+        raise SmolVLMError(f"{spec.init} has no contrastive head; train it with contrastive_weight=0 and no "
+                           "'contrastive' stage, or start from scratch / assemble")
     return model, processor
+
+
+def bridge_modules(model: VLM) -> list[nn.Module]:
+    """What joins vision to text, trained as the "connector" part: the connector, the cross-attention
+    layers and the contrastive head, when the model has them."""
+    parts = [model.connector]
+    if model.cross_attention:
+        parts.append(model.text_model.cross_layers)
+    if model.has_contrastive:
+        parts.append(model.contrastive)
+    return parts
 
 
 def set_trainable(model: VLM, parts: list[str]) -> None:
@@ -471,7 +532,8 @@ def set_trainable(model: VLM, parts: list[str]) -> None:
     if "vision" in parts:
         model.vision_model.requires_grad_(True)
     if "connector" in parts:
-        model.connector.requires_grad_(True)
+        for part in bridge_modules(model):
+            part.requires_grad_(True)
     if "decoder" in parts:
         model.text_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
@@ -491,7 +553,7 @@ def param_groups(model: VLM, cfg: OptimConfig) -> list[dict]:
             part = "lora"
         elif name.startswith("vision_model."):
             part = "vision"
-        elif name.startswith("connector."):
+        elif name.startswith(("connector.", "contrastive.", "text_model.cross_layers.")):
             part = "connector"
         else:
             part = "decoder"
@@ -558,12 +620,16 @@ class ShapesTrainingData:
         )
 
         rng = random.Random(stable_seed("train-example", self.spec.seed, i))
+        # the contrastive loss's caption draws from its own generator, so the examples stay as they were
+        caption_rng = random.Random(stable_seed("train-caption", self.spec.seed, i))
         task = rng.choices(self.tasks, weights=self.weights)[0]
         if task == "pairs":
             left, right, statement, label = make_pair(self.world.cfg, "train", rng.randrange(self.spec.train_scenes),
                                                       self.spec.seed)
-            return qa_conversation([self.world.render(left), self.world.render(right)],
+            conv = qa_conversation([self.world.render(left), self.world.render(right)],
                                    [(PAIR_PROMPT.format(statement), "yes" if label else "no")], task)
+            conv.caption = caption_rng.choice(captions(left))
+            return conv
         world_cfg = self.world.cfg
         step = i // self.batch_size
         if step < self.spec.curriculum_steps:
@@ -572,9 +638,12 @@ class ShapesTrainingData:
         scene = make_scene(world_cfg, "train", rng.randrange(self.spec.train_scenes), self.spec.seed)
         image = self.world.render(scene)
         if task == "caption":
-            return qa_conversation([image], [(rng.choice(CAPTION_PROMPTS), rng.choice(captions(scene)))], task)
-        qs = questions(scene, rng, self.spec.questions_per_image, world_cfg, scheduled=False)
-        return qa_conversation([image], [(q.question, q.answer) for q in qs], task)
+            conv = qa_conversation([image], [(rng.choice(CAPTION_PROMPTS), rng.choice(captions(scene)))], task)
+        else:
+            qs = questions(scene, rng, self.spec.questions_per_image, world_cfg, scheduled=False)
+            conv = qa_conversation([image], [(q.question, q.answer) for q in qs], task)
+        conv.caption = caption_rng.choice(captions(scene))
+        return conv
 
 
 class ConversationList:
@@ -628,14 +697,11 @@ class StepBatches(torch.utils.data.Dataset):
         self.data, self.processor, self.cfg = data, processor, cfg
         self.rank, self.world = rank, world
 
-    def __len__(self) -> int:
-        return self.cfg.total_steps
-
     def example(self, i: int) -> dict:
         conv = self.data.conversation(i)
         if self.cfg.model.blind:
             conv = drop_images(conv)
-        return tokenize_conversation(conv, self.processor, self.cfg.data.max_tokens)
+        return {**tokenize_conversation(conv, self.processor, self.cfg.data.max_tokens), "caption": conv.caption}
 
     def __getitem__(self, step: int) -> list[dict]:
         b = self.cfg.batch_size
@@ -646,15 +712,19 @@ class StepBatches(torch.utils.data.Dataset):
         for chunk in chunks:
             if not chunk:
                 continue
-            batch = collate([self.example(i) for i in chunk], pad)
+            examples = [self.example(i) for i in chunk]
+            batch = collate(examples, pad)
             batch["n_tokens"] = int(batch["attention_mask"].sum())
+            if self.cfg.contrastive:
+                captions = self.processor([e["caption"] for e in examples], padding_side="right")
+                batch["caption_ids"], batch["caption_mask"] = captions["input_ids"], captions["attention_mask"]
             out.append(batch)
         return out
 
 
-def step_loader(dataset: StepBatches, start: int, workers: int):
-    """Batches of steps start, start+1, ... ; the worker prepares the next steps during compute."""
-    sampler = range(start, len(dataset))
+def step_loader(dataset: StepBatches, start: int, end: int, workers: int):
+    """Batches of steps start, start+1, ..., end-1; the worker prepares the next steps during compute."""
+    sampler = range(start, end)
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
                                        prefetch_factor=4 if workers else None, persistent_workers=False)
 
@@ -708,15 +778,16 @@ def init_distributed() -> Dist:
 
 
 def token_losses(model: VLM, batch: dict, teacher: VLM | None, distill: DistillConfig,
-                 bf16: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 bf16: bool, image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(summed training loss, summed cross-entropy, label tokens) of one micro-batch. Logits are only
-    computed where a label is (the vocabulary projection is the largest matmul of a small model)."""
+    computed where a label is (the vocabulary projection is the largest matmul of a small model).
+    image_embeds: the batch's images already through the vision encoder and connector (N, L, D)."""
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     where = labels != IGNORE
     n = int(where.sum())
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         # right padding + causal attention: real tokens never see the padding, so no mask is needed
-        h = model.hidden_states(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"))
+        h = model.hidden_states(batch["input_ids"], image_embeds=image_embeds)
         h = h[:, :-1][where]  # (N, D)
         logits = model.lm_head(h).float()
     ce = F.cross_entropy(logits, labels[where], reduction="sum")
@@ -733,6 +804,34 @@ def token_losses(model: VLM, batch: dict, teacher: VLM | None, distill: DistillC
     if distill.hidden_weight > 0:
         loss = loss + distill.hidden_weight * F.mse_loss(h.float(), th.float(), reduction="none").mean(-1).sum()
     return loss, ce.detach(), n
+
+
+def contrastive_loss(model: VLM, batch: dict, image_embeds: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """SigLIP's sigmoid loss between each example's images and its caption, over the micro-batch."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        images = model.image_embedding(batch["input_ids"], image_embeds)  # (B, D)
+        texts = model.text_embedding(batch["caption_ids"], batch["caption_mask"])  # (B, D)
+    return sigmoid_loss(model.contrastive.logits(images, texts))
+
+
+def batch_loss(model: VLM, batch: dict, teacher: VLM | None, cfg: TrainConfig, objective: str, n_tokens: float,
+               n_batches: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(what backward() takes, summed cross-entropy, contrastive loss) of one micro-batch. The token loss is
+    divided by the global batch's label tokens, the contrastive loss (a mean over the micro-batch) by the
+    global number of micro-batches, so the step's gradient is the same however the batch is split."""
+    image_embeds = None
+    if "pixel_values" in batch:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            image_embeds = model.encode_images(batch["pixel_values"], batch.get("pixel_attention_mask"))
+    loss = ce = con = torch.zeros(())
+    if objective == "lm":
+        token_loss, ce, _ = token_losses(model, batch, teacher, cfg.distill, cfg.bf16, image_embeds)
+        loss = token_loss / n_tokens
+    weight = 1.0 if objective == "contrastive" else cfg.contrastive_weight
+    if weight > 0:
+        con = contrastive_loss(model, batch, image_embeds, cfg.bf16)
+        loss = loss + weight * con / n_batches
+    return loss, ce, con.detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,11 +893,12 @@ def checkpoint_paths(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(out: Path, step: int, model: VLM, optimizer, keep: int) -> None:
+def save_checkpoint(out: Path, step: int, model: VLM, optimizer, keep: int, extra: dict | None = None) -> None:
+    """extra: more entries of the state (a budgeted run's time so far and planned stage lengths)."""
     folder = out / "checkpoints"
     folder.mkdir(exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), **(extra or {})}
     final = folder / f"step-{step:07d}.pt"
     tmp = folder / f".{final.name}.tmp"
     torch.save(state, tmp)  # a kill here leaves only a .tmp file, which resume ignores
@@ -869,6 +969,7 @@ class TrainResult:
     final_loss: float | None
     wall_s: float
     model_dir: Path | None
+    budget_spent: bool = False  # a max_minutes run that ended because its time was up
 
 
 def stage_at(stages: list[Stage], step: int) -> tuple[int, int]:
@@ -878,6 +979,18 @@ def stage_at(stages: list[Stage], step: int) -> tuple[int, int]:
             return i, step
         step -= s.steps
     return len(stages) - 1, stages[-1].steps
+
+
+# A run with a time budget times these steps (after the first, which pays one-off costs) and then plans
+# its schedule: the stages are rescaled to the steps the rest of the budget buys at that speed.
+BUDGET_PROBE_STEPS = 8
+
+
+def budget_plan(stages: list[Stage], steps_done: int, seconds_per_step: float, seconds_left: float) -> list[Stage]:
+    """The stages rescaled (same proportions and warmups) to steps_done + the steps seconds_left buys."""
+    target = steps_done + int(seconds_left / max(seconds_per_step, 1e-9))
+    scale = target / sum(s.steps for s in stages)
+    return [dataclasses.replace(s, steps=max(s.warmup_steps + 1, round(s.steps * scale))) for s in stages]
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: int | None = None,
@@ -892,7 +1005,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
         prepare_run_dir(out, cfg, resume)
     dist.barrier()
 
-    model, processor = build_model(cfg.model, cfg.seed)
+    model, processor = build_model(cfg.model, cfg.seed, cfg.contrastive)
     teacher = None
     if cfg.distill.teacher:
         teacher = load_teacher(cfg.distill, model, processor)
@@ -904,7 +1017,19 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
     if ckpts:
         start, path = ckpts[-1]
         state = torch.load(path, map_location="cpu", weights_only=False)
-    total = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
+    # the schedule: the configured stages, or for a time budget the plan made from the first steps' speed
+    budget_s = cfg.max_minutes * 60
+    stages = cfg.stages
+    planned = budget_s > 0 and state is not None and "planned_steps" in state
+    if planned:
+        stages = [dataclasses.replace(s, steps=n) for s, n in zip(cfg.stages, state["planned_steps"], strict=True)]
+    seconds_before = state.get("train_seconds", 0.0) if state is not None else 0.0  # earlier sessions' time
+    if budget_s and not planned:
+        # until it is planned, a budgeted run stays in its first stage: warmup, then the peak learning rate
+        stages = [dataclasses.replace(cfg.stages[0], steps=10**9)] + cfg.stages[1:]
+    total = sum(s.steps for s in stages) if not budget_s or planned else 10**9
+    if max_steps is not None:
+        total = min(total, max_steps)
 
     # metrics.jsonl keeps exactly the steps up to where we continue (a killed run may have logged more)
     rows = [r for r in read_metrics(out) if r.get("step", 0) <= start] if dist.main else []
@@ -913,8 +1038,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
     log = open(out / "metrics.jsonl", "a", encoding="utf-8") if dist.main else None
 
     # LoRA adapters exist from the first stage that trains them; a resumed run needs them before loading
-    stage_i, _ = stage_at(cfg.stages, start)
-    if any("lora" in s.train for s in cfg.stages[:stage_i + 1]):
+    stage_i, _ = stage_at(stages, start)
+    if any("lora" in s.train for s in stages[:stage_i + 1]):
         add_lora(model, cfg.lora)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -928,15 +1053,20 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
     if dist.main and progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total if total < 10**9 else None, initial=start, desc="train", unit="step",
+                   dynamic_ncols=True)
     t_start = time.time()
+    probe_from = None  # (step, time) after the first step of this session, for the budget's plan
     optimizer, current_stage, params = None, -1, []
     loss_value = None
-    loader = iter(step_loader(dataset, start, cfg.workers))
+    budget_spent = False
+    # a budgeted run may be planned longer than configured: the loader runs on until the loop stops
+    loader = iter(step_loader(dataset, start, total if not budget_s else 10**9, cfg.workers))
     model.train()
-    for step in range(start, total):
-        stage_i, stage_step = stage_at(cfg.stages, step)
-        stage = cfg.stages[stage_i]
+    step = start
+    while step < total:
+        stage_i, stage_step = stage_at(stages, step)
+        stage = stages[stage_i]
         if stage_i != current_stage:
             if "lora" in stage.train and not lora_modules(model):
                 add_lora(model, cfg.lora)
@@ -955,39 +1085,68 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
         t0 = time.time()
         micro = next(loader)
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
-                               sum(b["n_tokens"] for b in micro)], dtype=torch.float64)
+                               sum(b["n_tokens"] for b in micro), len(micro)], dtype=torch.float64)
         dist.all_reduce(counts)
-        n_global = max(1.0, counts[0].item())
-        ce_sum = torch.zeros((), dtype=torch.float64)
+        n_global, n_batches = max(1.0, counts[0].item()), counts[2].item()
+        sums = torch.zeros(2, dtype=torch.float64)  # summed cross-entropy, summed contrastive loss
         for batch in micro:
-            loss, ce, _ = token_losses(model, batch, teacher, cfg.distill, cfg.bf16)
-            (loss / n_global).backward()
-            ce_sum += ce.double()
+            loss, ce, con = batch_loss(model, batch, teacher, cfg, stage.objective, n_global, n_batches)
+            loss.backward()
+            sums += torch.stack([ce.double(), con.double()])
         dist.all_reduce_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = dist.all_reduce(ce_sum)[()].item() / n_global
+        sums = dist.all_reduce(sums)
+        contrastive_value = sums[1].item() / n_batches
+        loss_value = sums[0].item() / n_global if stage.objective == "lm" else contrastive_value
         if not math.isfinite(loss_value):
             raise SmolVLMError(f"the loss became {loss_value} at step {step + 1}; lower the learning rates "
                                "(optim.lr_*) or lengthen the warmup (stages.N.warmup_steps)")
         dt = time.time() - t0
-
         done = step + 1
+        step = done
+        train_seconds = seconds_before + time.time() - t_start
+
+        if budget_s:
+            # every process decides alike: rank 0's clock rules
+            clock = dist.all_reduce(torch.tensor([train_seconds if dist.main else 0.0], dtype=torch.float64))
+            train_seconds = clock.item()
+            if probe_from is None:
+                probe_from = (done, train_seconds)
+            elif not planned and done - probe_from[0] >= BUDGET_PROBE_STEPS:
+                per_step = (train_seconds - probe_from[1]) / (done - probe_from[0])
+                stages = budget_plan(cfg.stages, done, per_step, budget_s - train_seconds)
+                planned = True
+                total = max(done, sum(s.steps for s in stages))
+                if max_steps is not None:
+                    total = min(total, max_steps)
+                if bar is not None:
+                    bar.total = total
+                    bar.refresh()
+            budget_spent = train_seconds >= budget_s and done < total
+            if budget_spent:
+                total = done
+
         if dist.main:
             row = {"step": done, "stage": stage.name, "loss": round(loss_value, 6),
                    "lr": round(max(g["lr"] for g in optimizer.param_groups), 8), "tokens": int(counts[1]),
                    "tokens_per_s": round(counts[1].item() / max(dt, 1e-9), 1),
                    "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else None,
-                   "elapsed_s": round(time.time() - t_start, 2)}
+                   "elapsed_s": round(train_seconds, 2)}
+            if stage.objective == "lm" and cfg.contrastive_weight > 0:
+                row["contrastive"] = round(contrastive_value, 6)
             log.write(json.dumps(row) + "\n")
             log.flush()
             if bar is not None:
                 bar.set_postfix(stage=stage.name, loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
-        boundary = done == sum(s.steps for s in cfg.stages[:stage_i + 1])
+        boundary = done == sum(s.steps for s in stages[:stage_i + 1])
         if dist.main and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total or boundary):
-            save_checkpoint(out, done, model, optimizer, cfg.keep_checkpoints)
+            extra = {"train_seconds": train_seconds}
+            if planned:
+                extra["planned_steps"] = [s.steps for s in stages]
+            save_checkpoint(out, done, model, optimizer, cfg.keep_checkpoints, extra)
         dist.barrier()
     if bar is not None:
         bar.close()
@@ -995,15 +1154,21 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
         log.close()
 
     model_dir = None
-    finished = total == cfg.total_steps
+    # a budgeted run is finished when its plan is done or its time is up; --max-steps only pauses a run
+    finished = budget_spent or step >= sum(s.steps for s in stages)
     if dist.main:
-        plot_losses(out, read_metrics(out), cfg.stages)
+        plot_losses(out, read_metrics(out), stages)
+        if budget_s and finished:
+            note = {"max_minutes": cfg.max_minutes, "steps": step, "planned_steps": sum(s.steps for s in stages),
+                    "train_seconds": round(seconds_before + time.time() - t_start, 1),
+                    "ended_by": "budget" if budget_spent else "schedule"}
+            _atomic_write_text(out / "budget.json", json.dumps(note, indent=2))
         if finished:
             model_dir = save_final(model, processor, out)
     dist.barrier()
     if dist.world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return TrainResult(out, total, loss_value, time.time() - t_start, model_dir)
+    return TrainResult(out, step, loss_value, time.time() - t_start, model_dir, budget_spent)
 
 
 def save_final(model: VLM, processor, out: Path) -> Path:

@@ -27,6 +27,7 @@ class Conversation:
     messages: list[dict]
     images: list[Any] = field(default_factory=list)  # PIL images or paths, in order of the image parts
     task: str = "default"  # for multi-task mixing
+    caption: str = ""  # a description of the (first) image, for the contrastive loss (train.py)
 
     def check(self) -> None:
         n_parts = sum(

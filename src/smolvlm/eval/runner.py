@@ -31,11 +31,12 @@ shapes-nlvr2
 
 Retrieval scores every (image, caption) pair by the model's mean log-probability per token of the
 caption as its answer to the caption prompt given the image (the image is encoded once, the captions
-go through the decoder in batches). Predictions go to ``OUT/predictions.jsonl`` as they are made
-(flushed per batch), so a run that is stopped resumes where it was; ``metrics.json`` is written
-atomically at the end. An image that cannot be read is counted and reported: its questions are
-scored as unanswered (an empty answer, which is wrong), its captions as empty, and in retrieval the
-image and its captions are left out.
+go through the decoder in batches), or, for a model with a contrastive head (``--retrieval-scoring
+contrastive``, the default for such models), by the cosine of its image and caption embeddings.
+Predictions go to ``OUT/predictions.jsonl`` as they are made (flushed per batch), so a run that is
+stopped resumes where it was; ``metrics.json`` is written atomically at the end. An image that cannot
+be read is counted and reported: its questions are scored as unanswered (an empty answer, which is
+wrong), its captions as empty, and in retrieval the image and its captions are left out.
 """
 
 from __future__ import annotations
@@ -475,6 +476,37 @@ def _answer_separator(processor) -> str:
     return ""
 
 
+def caption_embeddings(model, processor, captions: list[str], batch_size: int):
+    """The contrastive head's embeddings of the captions (C, D), as training computes them."""
+    import torch
+
+    out = []
+    for start in range(0, len(captions), batch_size):
+        inputs = processor(captions[start:start + batch_size], padding_side="right")
+        out.append(model.text_embedding(inputs["input_ids"], inputs["attention_mask"]).float())
+    return torch.cat(out)
+
+
+def image_embedding(model, processor, image):
+    """The contrastive head's embedding (D,) of one image, placed in the caption prompt as in training."""
+    from smolvlm.data.shapes import CAPTION_PROMPT
+
+    text = processor.apply_chat_template(_messages(1, CAPTION_PROMPT), add_generation_prompt=True)
+    inputs = processor(text, images=[[image]])
+    embeds = model.encode_images(inputs["pixel_values"], inputs.get("pixel_attention_mask"))
+    return model.image_embedding(inputs["input_ids"], embeds)[0].float()
+
+
+def retrieval_scoring(model, args) -> str:
+    mode = getattr(args, "retrieval_scoring", "auto")
+    if mode == "contrastive" and not model.has_contrastive:
+        raise SmolVLMError("--retrieval-scoring contrastive needs a model with a contrastive head (trained with "
+                           "contrastive_weight > 0 or a 'contrastive' stage); use logprob")
+    if mode == "auto":
+        return "contrastive" if model.has_contrastive else "logprob"
+    return mode
+
+
 def run_retrieval(model, processor, run: RunFolder, examples: list, args, desc: str) -> tuple[int, float]:
     """One row per image: the scores of every caption of every image (cached per image)."""
     import torch
@@ -484,11 +516,15 @@ def run_retrieval(model, processor, run: RunFolder, examples: list, args, desc: 
     t0 = time.perf_counter()
     bar = _progress(len(examples), desc, args.progress)
     bar.update(len(examples) - len(todo))
+    contrastive = retrieval_scoring(model, args) == "contrastive"
     with torch.inference_mode():
+        texts = caption_embeddings(model, processor, captions, args.batch_size) if contrastive and todo else None
         for ex in todo:
             im, err = _open_image(ex.image)
             if err:
                 run.add([{"id": ex.id, "scores": None, "error": err}])
+            elif contrastive:
+                run.add([{"id": ex.id, "scores": (texts @ image_embedding(model, processor, im)).tolist()}])
             else:
                 run.add([{"id": ex.id, "scores": caption_logprobs(model, processor, im, captions, args.batch_size)}])
             bar.update(1)
@@ -583,9 +619,11 @@ def run_task(task: str, model_arg: str, args, out: Path, loaded=None) -> dict:
     identity = {"task": task, "model": _model_identity(model_arg), "data": str(Path(args.data).resolve())
                 if args.data else f"generated(seed={args.seed})", "limit": args.limit,
                 "images": args.images, "split": args.split, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
+    model, processor = loaded if loaded is not None else load(model_arg, dtype=args.dtype)
+    if data.kind == "retrieval" and model.has_vision and retrieval_scoring(model, args) == "contrastive":
+        identity["scoring"] = "contrastive"  # (logprob runs keep the identity they always had)
     run = RunFolder(out, identity, args.fresh)
     try:
-        model, processor = loaded if loaded is not None else load(model_arg, dtype=args.dtype)
         if data.kind in ("caption", "retrieval") and not model.has_vision:
             return {"task": task, "skipped": "the model has no vision encoder"}
         with PeakMemory() as mem:
@@ -602,6 +640,7 @@ def run_task(task: str, model_arg: str, args, out: Path, loaded=None) -> dict:
         result["efficiency"] = run.timing()
         if data.kind == "retrieval":
             result["efficiency"]["unit"] = "image-caption pairs"
+            result["scoring"] = retrieval_scoring(model, args)
         atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
         return result
     finally:
@@ -725,6 +764,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--meteor", action="store_true", help="also METEOR for captions (needs Java + pycocoevalcap)")
+    p.add_argument("--retrieval-scoring", choices=("auto", "logprob", "contrastive"), default="auto",
+                   help="retrieval: caption log-probability, or the cosine of contrastive embeddings (auto, the "
+                        "default: contrastive when the model has a contrastive head)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

@@ -1,12 +1,22 @@
-"""SmolVLM's connector: pixel shuffle (space-to-depth) then a bias-free linear projection.
+"""Connectors: the vision encoder's patch tokens (N, P, Dv) on an h x w grid -> decoder-width tokens.
 
-(N, P, Dv) -> pixel shuffle by s -> (N, P/s^2, Dv*s^2) -> linear -> (N, P/s^2, Dt)
+    pixel-shuffle  SmolVLM's: space-to-depth by s, then a bias-free linear   (N, P/s^2, Dt)
+    mlp            LLaVA-1.5's: Linear -> GELU -> Linear on every patch       (N, P, Dt)
+    ldp            MobileVLM's lightweight downsample projector: the MLP, then depthwise-separable
+                   conv blocks on the grid (stride 1 with a residual, then stride 2)   (N, ceil(h/2)*ceil(w/2), Dt)
 
-Pixel shuffle trades sequence length for width: with s=4 a 32x32 patch grid becomes 64 tokens.
+Pixel shuffle trades sequence length for width: with s=4 a 32x32 patch grid becomes 64 tokens. The
+cross-attention model (models/cross_attention.py) projects with pixel shuffle too; its tokens go to the
+decoder's cross-attention layers instead of into the sequence.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from smolvlm.errors import SmolVLMError
+
+CONNECTORS = ("pixel-shuffle", "mlp", "ldp", "cross-attention")
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -14,7 +24,8 @@ def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
     n, p, d = x.shape
     side = int(p**0.5)
     if side * side != p or side % scale:
-        raise ValueError(f"pixel shuffle needs a square grid divisible by {scale}, got {p} patches")
+        raise SmolVLMError(f"the pixel-shuffle connector needs a square patch grid with sides divisible by "
+                           f"scale_factor {scale}, got {p} patches; change the image size or scale_factor")
     x = x.view(n, side, side // scale, d * scale)  # merge `scale` neighbouring columns
     x = x.permute(0, 2, 1, 3)  # (N, side/s, side, D*s)
     x = x.reshape(n, side // scale, side // scale, d * scale * scale)  # merge `scale` neighbouring rows
@@ -22,7 +33,7 @@ def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
     return x.reshape(n, p // (scale * scale), d * scale * scale)
 
 
-class Connector(nn.Module):
+class PixelShuffleConnector(nn.Module):
     def __init__(self, vision_hidden: int, text_hidden: int, scale_factor: int):
         super().__init__()
         self.scale_factor = scale_factor
@@ -31,5 +42,71 @@ class Connector(nn.Module):
             {"proj": nn.Linear(vision_hidden * scale_factor**2, text_hidden, bias=False)}
         )
 
-    def forward(self, image_hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.modality_projection["proj"](pixel_shuffle(image_hidden, self.scale_factor))
+
+
+class MLPConnector(nn.Module):
+    def __init__(self, vision_hidden: int, text_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_hidden, text_hidden)
+        self.fc2 = nn.Linear(text_hidden, text_hidden)
+
+    def forward(self, image_hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(image_hidden)))  # (N, P, Dt)
+
+
+class DepthwiseSeparable(nn.Module):
+    """Depthwise 3x3 (stride 1 or 2) -> LayerNorm -> Hardswish -> pointwise 1x1 -> LayerNorm, on (N, D, h, w).
+    LayerNorm over channels (not BatchNorm) so a batch of one behaves as in training."""
+
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.depthwise = nn.Conv2d(dim, dim, 3, stride, padding=1, groups=dim, bias=False)
+        self.norm1 = nn.LayerNorm(dim)
+        self.pointwise = nn.Conv2d(dim, dim, 1, bias=False)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(self.depthwise(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over D
+        y = F.hardswish(y)
+        y = self.norm2(self.pointwise(y).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + y if self.stride == 1 else y  # residual where the grid keeps its size
+
+
+class LDPConnector(nn.Module):
+    def __init__(self, vision_hidden: int, text_hidden: int):
+        super().__init__()
+        self.mlp = MLPConnector(vision_hidden, text_hidden)
+        self.keep = DepthwiseSeparable(text_hidden, stride=1)
+        self.down = DepthwiseSeparable(text_hidden, stride=2)
+
+    def forward(self, image_hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        n, p, _ = image_hidden.shape
+        h, w = grid
+        if h * w != p:
+            raise SmolVLMError(f"the LDP connector got {p} patches for a {h}x{w} grid")
+        x = self.mlp(image_hidden, grid)  # (N, P, Dt)
+        x = x.transpose(1, 2).reshape(n, -1, h, w)  # (N, Dt, h, w)
+        x = self.down(self.keep(x))  # (N, Dt, ceil(h/2), ceil(w/2))
+        return x.flatten(2).transpose(1, 2)  # (N, ceil(h/2) * ceil(w/2), Dt)
+
+
+def make_connector(kind: str, vision_hidden: int, text_hidden: int, scale_factor: int) -> nn.Module:
+    if kind in ("pixel-shuffle", "cross-attention"):
+        return PixelShuffleConnector(vision_hidden, text_hidden, scale_factor)
+    if kind == "mlp":
+        return MLPConnector(vision_hidden, text_hidden)
+    if kind == "ldp":
+        return LDPConnector(vision_hidden, text_hidden)
+    raise SmolVLMError(f"unknown connector {kind!r}; choose one of {', '.join(CONNECTORS)}")
+
+
+def tokens_per_tile(kind: str, patches_per_side: int, scale_factor: int) -> int:
+    """Connector tokens for one square tile of patches_per_side^2 patches."""
+    if kind in ("pixel-shuffle", "cross-attention"):
+        return patches_per_side**2 // scale_factor**2
+    if kind == "mlp":
+        return patches_per_side**2
+    return ((patches_per_side + 1) // 2) ** 2  # ldp: stride 2, padding 1

@@ -2,6 +2,11 @@
 
 token embeddings (B, T, D) -> N x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> (B, T, D)
 
+Two options beyond SmolLM2 (smolvlm's architecture variants): `layer_repeats` K runs each block K times in
+a row with the same weights (depth N*K from N blocks' parameters; the KV cache has N*K slots), and a
+Decoder built with `cross_attention_every` k has a gated cross-attention block before blocks 0, k, 2k, ...
+(models/cross_attention.py) through which visual tokens enter.
+
 Module names follow Hugging Face's `LlamaModel`, so the state dict maps 1:1 onto `model.text_model.*`
 of a SmolVLM checkpoint (or `model.*` of a SmolLM2 one).
 """
@@ -26,6 +31,12 @@ class DecoderConfig:
     rope_theta: float = 100000.0
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
+    layer_repeats: int = 1  # each block runs this many times in a row, weights shared
+
+    @property
+    def depth(self) -> int:
+        """Blocks applied per forward pass (and KV cache slots)."""
+        return self.num_layers * self.layer_repeats
 
 
 class RMSNorm(nn.Module):
@@ -65,11 +76,15 @@ class KVCache:
     writes its T new positions after them and then advances `length`."""
 
     def __init__(self, cfg: DecoderConfig, batch_size: int, max_len: int, dtype: torch.dtype):
-        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = (cfg.depth, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        # cross-attention models: each cross layer's memory keys and values (B, Hkv, M, hd) and the memory
+        # mask (B, M), computed once at prefill and reused by every decoding step
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.cross_mask: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, hd) at [length, length+T) and return the filled part of the cache."""
@@ -96,16 +111,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer_idx: int):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
+        self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, slot: int) -> torch.Tensor:
+        """slot: this application's place in the KV cache (block index x layer_repeats + repeat)."""
         b, t, _ = x.shape
         hd, h, hkv = self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
         fused = self.__dict__.get("_fused")  # quantize.fuse: one matmul for q, k, v at inference
@@ -122,7 +138,7 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd), S = filled + T: only the filled part
+            k, v = cache.update(slot, k, v)  # (B, Hkv, S, hd), S = filled + T: only the filled part
         if t == 1 and not torch.is_grad_enabled():
             # one query per sequence (decoding): the H / Hkv query heads that share a kv head become that
             # head's query rows, so attention runs on (B, Hkv, H/Hkv, hd) with no repeat of k and v
@@ -154,15 +170,15 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer_idx: int):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+    def forward(self, x, cos, sin, attn_mask, cache, slot: int):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -183,11 +199,17 @@ def build_attention_mask(key_mask: torch.Tensor | None, q_len: int, past_len: in
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, cross_attention_every: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.cross_attention_every = cross_attention_every
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
+        if cross_attention_every:
+            from smolvlm.models.cross_attention import GatedCrossAttentionBlock  # it builds on this module
+
+            n_cross = -(-cfg.num_layers // cross_attention_every)  # before blocks 0, k, 2k, ...
+            self.cross_layers = nn.ModuleList(GatedCrossAttentionBlock(cfg) for _ in range(n_cross))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
@@ -196,13 +218,27 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor,  # (B, T)
         key_mask: torch.Tensor | None = None,  # (B, S) real positions over cache + new tokens
         cache: KVCache | None = None,
+        memory: torch.Tensor | None = None,  # (B, M, D) visual tokens for the cross-attention layers
+        memory_mask: torch.Tensor | None = None,  # (B, M) bool, True on real visual tokens
     ) -> torch.Tensor:
         past_len = cache.length if cache is not None else 0
         attn_mask = build_attention_mask(key_mask, inputs_embeds.shape[1], past_len)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        cross = None  # per cross layer (k, v) of the memory; None: a text-only pass skips the cross layers
+        if memory is not None:
+            cross = [block.cross_attn.memory_kv(memory) for block in self.cross_layers]
+            if cache is not None:
+                cache.cross, cache.cross_mask = cross, memory_mask
+        elif cache is not None and cache.cross is not None:
+            cross, memory_mask = cache.cross, cache.cross_mask
         x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, cache)
+        repeats = self.cfg.layer_repeats
+        for i, layer in enumerate(self.layers):
+            if cross is not None and i % self.cross_attention_every == 0:
+                k, v = cross[i // self.cross_attention_every]
+                x = self.cross_layers[i // self.cross_attention_every](x, k, v, memory_mask)
+            for r in range(repeats):
+                x = layer(x, cos, sin, attn_mask, cache, i * repeats + r)
         if cache is not None:
             cache.length += inputs_embeds.shape[1]
         return self.norm(x)

@@ -1,0 +1,68 @@
+"""The time-budgeted trainer and `smolvlm ablate` end to end on a tiny budget (seconds)."""
+
+import argparse
+import json
+
+import pytest
+
+from smolvlm import cli
+from smolvlm.checkpoint import load
+from smolvlm.errors import SmolVLMError
+from smolvlm.train import checkpoint_paths, read_metrics, resolve_config, train
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_time_budget_fits_the_schedule_and_ends_with_a_model(tmp_path):
+    # 3 configured steps, but a budget worth many more: the schedule is stretched to the budget
+    over = ["threads=1", "stages.0.steps=3", "stages.0.warmup_steps=2", "max_minutes=0.08", "checkpoint_every=0"]
+    result = train(resolve_config("test-tiny", None, over), tmp_path / "run", progress=False)
+    note = json.loads((tmp_path / "run" / "budget.json").read_text())
+    rows = read_metrics(tmp_path / "run")
+    assert note["steps"] == result.steps == len(rows) > 3 + 8
+    assert note["ended_by"] in ("budget", "schedule") and note["train_seconds"] < 0.08 * 60 + 3
+    assert result.model_dir is not None and load(result.model_dir)[0].has_vision
+    assert [s for s, _ in checkpoint_paths(tmp_path / "run")] == [result.steps]
+    # warmup, then the peak until the plan is made, then cosine decay towards the end
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] < lrs[1] == max(lrs) and lrs[-1] < 0.3 * max(lrs)
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_ablate_end_to_end_and_resumable(tmp_path, capsys):
+    out = tmp_path / "ablation"
+    argv = ["ablate", "--out", str(out), "--budget-minutes", "0.03", "--variants", "baseline,contrastive",
+            "--preset", "test-tiny", "--eval-limit", "2", "--threads", "1", "--no-progress", "--json"]
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert list(summary["variants"]) == ["baseline", "contrastive"]
+    for name, r in summary["variants"].items():
+        assert r["steps"] >= 1 and r["params"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0
+        assert 0 <= r["vqa_accuracy"] <= 1 and set(r["vqa_per_type"]) and 0 <= r["retrieval_r1"] <= 1
+        assert (out / name / "train" / "model" / "config.json").is_file()
+        assert (out / name / "eval" / "shapes-retrieval" / "metrics.json").is_file()
+    assert summary["variants"]["contrastive"]["retrieval_scoring"] == "contrastive"
+    assert summary["variants"]["baseline"]["retrieval_scoring"] == "logprob"
+    table = (out / "ablations.md").read_text()
+    assert "| baseline |" in table and "| contrastive |" in table and "decode tok/s" in table
+    assert (out / "ablations.png").stat().st_size > 5000
+    assert json.loads((out / "ablations.json").read_text()) == summary
+    # a second run skips what is done
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("done earlier, skipped") == 2 and json.loads(captured.out) == summary
+
+
+def test_ablate_option_errors(tmp_path, capsys):
+    assert cli.main(["ablate", "--out", str(tmp_path), "--variants", "baseline,resnet"]) == 2
+    assert "unknown variant 'resnet' in --variants; choose from baseline, cnn" in capsys.readouterr().err
+    assert cli.main(["ablate", "--out", str(tmp_path), "--budget-minutes", "0"]) == 2
+    assert "--budget-minutes must be > 0" in capsys.readouterr().err
+
+
+def test_contrastive_retrieval_needs_the_head(tmp_path):
+    from smolvlm.eval.runner import retrieval_scoring
+    from smolvlm.train import build_model
+
+    model, _ = build_model(resolve_config("test-tiny", None, []).model, 0)
+    with pytest.raises(SmolVLMError, match="needs a model with a contrastive head"):
+        retrieval_scoring(model, argparse.Namespace(retrieval_scoring="contrastive"))
