@@ -93,3 +93,37 @@ def test_hf_dataset_rows_become_conversations(processor):
     ex = tokenize_conversation(convs[0], processor)
     answer = spans(ex["input_ids"], ex["labels"])
     assert processor.decode(answer[0], skip_special_tokens=False) == " a blue square<end_of_utterance>\n"
+
+
+def test_packed_independent_turns_give_each_turn_exactly_its_single_turn_logits():
+    """pack_turns + train.branch_attention_mask: every answer token of a packed example gets the logits
+    it gets when its question is asked alone (the evaluation's single-turn prompt)."""
+    from smolvlm.train import branch_attention_mask
+
+    model, processor = build_model(PRESETS["test-tiny"]().model, 0)
+    model.eval()
+    image = Image.effect_noise((32, 32), 60).convert("RGB")
+    pairs = [("What color is the circle?", "red"), ("How many objects are there?", "3"), ("Is it big?", "no")]
+    conv = qa_conversation([image], pairs)
+    conv.independent_turns = True
+    packed = tokenize_conversation(conv, processor)
+    singles = [tokenize_conversation(qa_conversation([image], [p]), processor) for p in pairs]
+    other = tokenize_conversation(qa_conversation([image], [("Caption this picture.", "A red circle.")]), processor)
+    assert spans(packed["input_ids"], packed["labels"]) == [s for e in singles for s in spans(e["input_ids"],
+                                                                                                e["labels"])]
+    assert len(packed["input_ids"]) < sum(len(e["input_ids"]) for e in singles)  # the image prefix once
+    batch = collate([packed, other], pad_id=0)  # a plain example in the same batch is one branch
+    assert batch["branch_ids"][1, :len(other["input_ids"])].eq(0).all()
+    with torch.no_grad():
+        h = model.hidden_states(batch["input_ids"], batch["pixel_values"], position_ids=batch["position_ids"],
+                                attn_mask=branch_attention_mask(batch["branch_ids"]))
+        logits = model.lm_head(h)
+        got = logits[0, :-1][torch.tensor(packed["labels"][1:]) != IGNORE]
+        want = []
+        for e in singles + [other]:
+            single = model(torch.tensor([e["input_ids"]]), e["pixel_values"][None])[0, :-1]
+            want.append(single[torch.tensor(e["labels"][1:]) != IGNORE])
+    torch.testing.assert_close(got, torch.cat(want[:3]), atol=1e-5, rtol=1e-5)
+    n_other = len(other["input_ids"])
+    torch.testing.assert_close(logits[1, :n_other - 1][torch.tensor(other["labels"][1:]) != IGNORE], want[3],
+                               atol=1e-5, rtol=1e-5)

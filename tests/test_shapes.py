@@ -476,3 +476,31 @@ def test_training_turns_do_not_reveal_each_other():
     for t in YES_NO_TYPES:
         answers = [q.answer for q in qs if q.qtype == t]
         assert 0.4 <= answers.count("yes") / len(answers) <= 0.6, t
+
+
+def test_relation_axes_limit_relation_questions():
+    cfg = WorldConfig(question_types=("relation",), relation_axes=("horizontal",))
+    world = ShapesWorld(cfg, seed=1)
+    texts = [q.question for s in world.scenes("train", 60) for q in world.questions(s, 4)]
+    assert texts and all(("left" in t or "right" in t) for t in texts)
+    assert not any(w in t for t in texts for w in ("above", "below", "top", "bottom"))
+    with pytest.raises(SmolVLMError, match="relation_axes"):
+        WorldConfig(relation_axes=("diagonal",))
+
+
+def test_the_demo_world_is_not_made_easy():
+    """The issue's floor for the demo's world: >= 6 colors, >= 3 shapes, 1..5 objects per scene, and the
+    five question types (left/right relations among them), roughly balanced on the test split."""
+    from smolvlm.train import PRESETS
+
+    cfg = WorldConfig(**PRESETS["shapes-tiny"]().data.world)
+    assert len(cfg.colors) >= 6 and len(cfg.shapes) >= 3 and (cfg.min_objects, cfg.max_objects) == (1, 5)
+    assert {"color", "shape", "count", "exist", "relation"} <= set(cfg.question_types)
+    assert "horizontal" in cfg.relation_axes
+    world = ShapesWorld(cfg, seed=0)
+    scenes = list(world.scenes("test", 300))
+    assert Counter(len(s.objects) for s in scenes).keys() == {1, 2, 3, 4, 5}
+    types = Counter(q.qtype for s in scenes for q in world.questions(s, 4))
+    assert set(types) == set(cfg.question_types)
+    shares = [n / sum(types.values()) for n in types.values()]
+    assert max(shares) - min(shares) < 0.05, types

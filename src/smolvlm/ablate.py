@@ -28,15 +28,17 @@ from pathlib import Path
 
 from smolvlm.errors import SmolVLMError
 
-# variant -> config overrides on the preset (the baseline is SmolVLM's layout: ViT + pixel shuffle)
+# variant -> config overrides on the preset. The baseline is SmolVLM's layout (ViT + pixel shuffle); every other
+# variant changes one thing from it, so each names the vision encoder too (shapes-tiny itself uses the CNN).
+VIT = "model.vision_type=vit"
 VARIANTS: dict[str, list[str]] = {
-    "baseline": [],
+    "baseline": [VIT],
     "cnn": ["model.vision_type=cnn"],
-    "mlp": ["model.connector=mlp"],
-    "ldp": ["model.connector=ldp"],
-    "cross-attention": ["model.connector=cross-attention"],
-    "share-layers-2": ["model.text.layer_repeats=2"],
-    "contrastive": ["contrastive_weight=0.1"],
+    "mlp": [VIT, "model.connector=mlp"],
+    "ldp": [VIT, "model.connector=ldp"],
+    "cross-attention": [VIT, "model.connector=cross-attention"],
+    "share-layers-2": [VIT, "model.text.layer_repeats=2"],
+    "contrastive": [VIT, "contrastive_weight=0.1"],
 }
 EVAL_TASKS = ("shapes-vqa", "shapes-gqa", "shapes-captions", "shapes-retrieval")
 

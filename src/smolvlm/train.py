@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from smolvlm.data.conversations import IGNORE, Conversation, collate, qa_conversation, tokenize_conversation
 from smolvlm.errors import SmolVLMError
@@ -57,7 +58,8 @@ class ModelSpec:
     # "scratch": a new model of the shapes below; "assemble": a new vision encoder + connector in front
     # of the pretrained decoder `decoder`; anything else: a checkpoint (folder, hub id) to fine-tune.
     init: str = "scratch"
-    # scratch: where the vocabulary comes from (GGUF file, packaged name or checkpoint folder);
+    # scratch: where the vocabulary comes from ("shapes": a small BPE trained on the shapes world's text, see
+    # data/shapes_tokenizer.py; or a GGUF file, packaged name or checkpoint folder);
     # assemble: the pretrained decoder.
     decoder: str = "smollm2-135m-instruct"
     text: DecoderConfig = field(default_factory=DecoderConfig)  # scratch only (vocab_size is set from the tokenizer)
@@ -80,7 +82,11 @@ class DataSpec:
     world: dict = field(default_factory=dict)  # shapes: WorldConfig fields to change
     seed: int = 0  # the shapes world's seed
     train_scenes: int = 100_000  # shapes: distinct training scenes
-    questions_per_image: int = 8  # shapes vqa: question turns per image in one sequence
+    questions_per_image: int = 8  # shapes vqa: questions per image in one sequence
+    # shapes vqa: the questions are packed as independent single-turn chats behind one image prefix (none
+    # sees another: data/conversations.py pack_turns); false: one multi-turn chat, where earlier turns
+    # leak later answers
+    independent_turns: bool = True
     tasks: dict = field(default_factory=lambda: {"vqa": 1.0})  # shapes: task -> mixing weight
     # shapes: over the first N steps the most objects per scene grows from the world's min_objects to its
     # max_objects, and the first half asks only color / shape / count questions (their answers cannot be
@@ -350,19 +356,25 @@ def shapes_vision() -> VisionConfig:
 
 
 def shapes_tiny() -> TrainConfig:
-    """The demo model: ~3M parameters besides the 49k-token embedding, trained from scratch on the
-    shapes world in a few minutes on 2 CPU cores."""
+    """The demo model: a MobileNet-style CNN + pixel shuffle + a 128x4 decoder (~2.4M parameters) on a
+    600-token vocabulary trained on the shapes world's text, trained from scratch in a few minutes on
+    2 CPU cores. The world asks the five question types the demo reports, relations left/right only."""
     return TrainConfig(
         model=ModelSpec(
             init="scratch",
-            # the text side is kept narrow: with 8 question turns per image, decoder tokens are most of the work
+            decoder="shapes",
+            # the text side is kept narrow: with 8 questions per image, decoder tokens are most of the work
             text=DecoderConfig(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
                                head_dim=32, rope_theta=10000.0, max_position_embeddings=2048,
                                tie_word_embeddings=True),
+            vision_type="cnn",
             vision=shapes_vision(),
+            cnn=CNNConfig(hidden_size=192, stem_width=32, widths=(48, 96), image_size=64),
             scale_factor=2,
         ),
         data=DataSpec(source="shapes", questions_per_image=8, tasks={"vqa": 1.0, "caption": 0.25},
+                      world={"question_types": ["color", "shape", "count", "exist", "relation"],
+                             "relation_axes": ["horizontal"]},
                       curriculum_steps=300),
         stages=[Stage(name="main", steps=800, train=["vision", "connector", "decoder"], warmup_steps=50)],
         optim=OptimConfig(lr_vision=3e-3, lr_connector=3e-3, lr_decoder=3e-3),
@@ -455,6 +467,11 @@ def text_processor_for(source: str):
     from smolvlm.gguf_reader import read_gguf_tokenizer
     from smolvlm.processing import Processor
 
+    if source == "shapes":
+        from smolvlm.data.shapes_tokenizer import EOS_TOKEN, shapes_tokenizer
+
+        return Processor(shapes_tokenizer(), image_config=None, image_seq_len=0, chat_template=None,
+                         eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
     path = resolve(source)
     if path.is_file():
         return gguf_text_processor(*read_gguf_tokenizer(path))
@@ -635,13 +652,24 @@ class ShapesTrainingData:
         if step < self.spec.curriculum_steps:
             level = step * len(self.levels) // self.spec.curriculum_steps
             world_cfg = (self.first_half if 2 * step < self.spec.curriculum_steps else self.levels)[level]
-        scene = make_scene(world_cfg, "train", rng.randrange(self.spec.train_scenes), self.spec.seed)
+        # a scene that supports none of the world's question types (e.g. only color questions, and no object
+        # can be named alone) is drawn again
+        for _ in range(100):
+            scene = make_scene(world_cfg, "train", rng.randrange(self.spec.train_scenes), self.spec.seed)
+            if task == "caption":
+                break
+            qs = questions(scene, rng, self.spec.questions_per_image, world_cfg, scheduled=False)
+            if qs:
+                break
+        else:
+            raise SmolVLMError("the shapes world's scenes support none of its question_types; add question types "
+                               "or change the world")
         image = self.world.render(scene)
         if task == "caption":
             conv = qa_conversation([image], [(rng.choice(CAPTION_PROMPTS), rng.choice(captions(scene)))], task)
         else:
-            qs = questions(scene, rng, self.spec.questions_per_image, world_cfg, scheduled=False)
             conv = qa_conversation([image], [(q.question, q.answer) for q in qs], task)
+            conv.independent_turns = self.spec.independent_turns
         conv.caption = caption_rng.choice(captions(scene))
         return conv
 
@@ -777,6 +805,15 @@ def init_distributed() -> Dist:
 # loss
 
 
+def branch_attention_mask(branch_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) branch ids (0 shared prefix, k turn k, -1 padding) -> (B, 1, T, T) bool: causal, and a token
+    sees the prefix and its own branch only (packed independent turns, data/conversations.py)."""
+    t = branch_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=branch_ids.device).tril()
+    key, query = branch_ids[:, None, :], branch_ids[:, :, None]
+    return (causal & ((key == 0) | (key == query)))[:, None]
+
+
 def token_losses(model: VLM, batch: dict, teacher: VLM | None, distill: DistillConfig,
                  bf16: bool, image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(summed training loss, summed cross-entropy, label tokens) of one micro-batch. Logits are only
@@ -785,17 +822,21 @@ def token_losses(model: VLM, batch: dict, teacher: VLM | None, distill: DistillC
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     where = labels != IGNORE
     n = int(where.sum())
+    # right padding + causal attention: real tokens never see the padding, so no mask is needed, unless
+    # the batch packs independent turns
+    attn = branch_attention_mask(batch["branch_ids"]) if "branch_ids" in batch else None
+    positions = batch.get("position_ids")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        # right padding + causal attention: real tokens never see the padding, so no mask is needed
-        h = model.hidden_states(batch["input_ids"], image_embeds=image_embeds)
+        h = model.hidden_states(batch["input_ids"], image_embeds=image_embeds, position_ids=positions,
+                                attn_mask=attn)
         h = h[:, :-1][where]  # (N, D)
         logits = model.lm_head(h).float()
     ce = F.cross_entropy(logits, labels[where], reduction="sum")
     if teacher is None:
         return ce, ce.detach(), n
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        th = teacher.hidden_states(batch["input_ids"], batch.get("pixel_values"),
-                                   batch.get("pixel_attention_mask"))[:, :-1][where]
+        th = teacher.hidden_states(batch["input_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
+                                   position_ids=positions, attn_mask=attn)[:, :-1][where]
         t_logits = teacher.lm_head(th).float()
     temp = distill.temperature
     kd = F.kl_div(F.log_softmax(logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
@@ -819,6 +860,15 @@ def batch_loss(model: VLM, batch: dict, teacher: VLM | None, cfg: TrainConfig, o
     """(what backward() takes, summed cross-entropy, contrastive loss) of one micro-batch. The token loss is
     divided by the global batch's label tokens, the contrastive loss (a mean over the micro-batch) by the
     global number of micro-batches, so the step's gradient is the same however the batch is split."""
+    # SDPA's math backend beats its flash kernel on CPU for short sequences, backward included (measured:
+    # 40 vs 62 ms per layer for 16 x 181 tokens); the flash kernel's memory saving matters only for long ones
+    backend = SDPBackend.MATH if batch["input_ids"].shape[1] <= 512 else SDPBackend.FLASH_ATTENTION
+    with sdpa_kernel(backend):
+        return _batch_loss(model, batch, teacher, cfg, objective, n_tokens, n_batches)
+
+
+def _batch_loss(model: VLM, batch: dict, teacher: VLM | None, cfg: TrainConfig, objective: str, n_tokens: float,
+                n_batches: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     image_embeds = None
     if "pixel_values" in batch:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):

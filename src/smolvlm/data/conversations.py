@@ -28,6 +28,12 @@ class Conversation:
     images: list[Any] = field(default_factory=list)  # PIL images or paths, in order of the image parts
     task: str = "default"  # for multi-task mixing
     caption: str = ""  # a description of the (first) image, for the contrastive loss (train.py)
+    # Each user/assistant exchange is its own question about the images (e.g. the shapes world's VQA
+    # turns): trained as that many single-turn conversations packed into one sequence behind one shared
+    # image prefix, no turn seeing another (see tokenize_conversation). Turns of one chat would leak
+    # answers ("Is there a red circle?" tells the next turn there may be one) and teach a model to read
+    # earlier turns instead of the image; packed, each turn is exactly the single question asked at test.
+    independent_turns: bool = False
 
     def check(self) -> None:
         n_parts = sum(
@@ -122,24 +128,40 @@ def load_images(conv: Conversation) -> list[Image.Image]:
 
 def tokenize_conversation(conv: Conversation, processor: Processor, max_len: int | None = None) -> dict:
     """input_ids and labels (assistant tokens only, including their end-of-turn marker), plus the
-    processed images. The chat is rendered one message at a time so each assistant answer is
-    tokenized exactly as generation will see it: after the prompt's generation prefix."""
+    processed images; with independent_turns also position_ids and branch_ids (see pack_turns)."""
     conv.check()
     images = load_images(conv)
     pixels = processor.process_images([images]) if images else None
     rows = pixels["rows"][0] if pixels else []
     cols = pixels["cols"][0] if pixels else []
+    if conv.independent_turns:
+        out = pack_turns(conv.messages, processor, rows, cols)
+    else:
+        ids, labels = tokenize_messages(conv.messages, processor, rows, cols)
+        out = {"input_ids": ids, "labels": labels}
+    if max_len is not None and len(out["input_ids"]) > max_len:
+        raise SmolVLMError(f"a conversation is {len(out['input_ids'])} tokens, over the limit of {max_len}")
+    if pixels:
+        out["pixel_values"] = pixels["pixel_values"][0]  # (I, 3, H, W)
+        out["pixel_attention_mask"] = pixels["pixel_attention_mask"][0]
+    return out
+
+
+def tokenize_messages(messages: list[dict], processor: Processor, rows: list, cols: list) -> tuple[list, list]:
+    """(ids, labels) of a chat whose images were split into rows x cols tiles. The chat is rendered one
+    message at a time so each assistant answer is tokenized exactly as generation will see it: after
+    the prompt's generation prefix."""
     ids: list[int] = []
     labels: list[int] = []
     rendered, image_i = "", 0
-    for k, m in enumerate(conv.messages):
+    for k, m in enumerate(messages):
         if m["role"] == "assistant":
-            prefix = processor.apply_chat_template(conv.messages[:k], add_generation_prompt=True)
-            full = processor.apply_chat_template(conv.messages[: k + 1], add_generation_prompt=False)
+            prefix = processor.apply_chat_template(messages[:k], add_generation_prompt=True)
+            full = processor.apply_chat_template(messages[: k + 1], add_generation_prompt=False)
             segments = [(prefix[len(rendered):], False), (full[len(prefix):], True)]
             rendered = full
         else:
-            full = processor.apply_chat_template(conv.messages[: k + 1], add_generation_prompt=False)
+            full = processor.apply_chat_template(messages[: k + 1], add_generation_prompt=False)
             segments = [(full[len(rendered):], False)]
             rendered = full
         for text, learn in segments:
@@ -149,13 +171,46 @@ def tokenize_conversation(conv: Conversation, processor: Processor, max_len: int
             seg = processor.tokenizer.encode(text, add_special_tokens=False).ids
             ids += seg
             labels += seg if learn else [IGNORE] * len(seg)
-    if max_len is not None and len(ids) > max_len:
-        raise SmolVLMError(f"a conversation is {len(ids)} tokens, over the limit of {max_len}")
-    out = {"input_ids": ids, "labels": labels}
-    if pixels:
-        out["pixel_values"] = pixels["pixel_values"][0]  # (I, 3, H, W)
-        out["pixel_attention_mask"] = pixels["pixel_attention_mask"][0]
-    return out
+    return ids, labels
+
+
+def pack_turns(messages: list[dict], processor: Processor, rows: list, cols: list) -> dict:
+    """Each user/assistant exchange as its own single-turn chat (the first turn's images go with every
+    question), packed: the tokens all of them start with (the image prefix) once, then each turn's rest.
+
+        input_ids    [prefix][turn 1 rest][turn 2 rest]...
+        position_ids 0..P-1  P..P+n1-1    P..P+n2-1       every turn at the positions it has alone
+        branch_ids   0 ... 0  1 ... 1      2 ... 2         a token sees the prefix and its own turn only
+
+    so each turn's tokens get exactly the hidden states they get alone (train.branch_attention_mask)."""
+    system = [m for m in messages if m["role"] == "system"]
+    msgs = [m for m in messages if m["role"] != "system"]
+    if not msgs or [m["role"] for m in msgs] != ["user", "assistant"] * (len(msgs) // 2):
+        raise SmolVLMError("independent turns need alternating user / assistant messages")
+    first = msgs[0]["content"]
+    image_parts = [p for p in first if p.get("type") == "image"] if isinstance(first, list) else []
+    turns = []
+    for k in range(0, len(msgs), 2):
+        question = msgs[k]["content"]
+        if isinstance(question, list):
+            question = [p for p in question if p.get("type") != "image"]
+        else:
+            question = [{"type": "text", "text": question}]
+        single = system + [{"role": "user", "content": image_parts + question}, msgs[k + 1]]
+        turns.append(tokenize_messages(single, processor, rows, cols))
+    first_ids = turns[0][0]
+    prefix = 0  # the longest start all turns share, before any label
+    while (prefix < min(len(ids) for ids, _ in turns)
+           and all(ids[prefix] == first_ids[prefix] and labels[prefix] == IGNORE for ids, labels in turns)):
+        prefix += 1
+    ids, labels = list(first_ids[:prefix]), [IGNORE] * prefix
+    positions, branches = list(range(prefix)), [0] * prefix
+    for b, (turn_ids, turn_labels) in enumerate(turns, 1):
+        ids += turn_ids[prefix:]
+        labels += turn_labels[prefix:]
+        positions += range(prefix, len(turn_ids))
+        branches += [b] * (len(turn_ids) - prefix)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "branch_ids": branches}
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -172,6 +227,15 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         labels[i, :n] = torch.tensor(e["labels"])
         attention_mask[i, :n] = 1
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if any("branch_ids" in e for e in examples):
+        # packed independent turns (pack_turns); a plain example is one branch (0) at positions 0..n-1
+        position_ids = torch.zeros((b, t), dtype=torch.long)
+        branch_ids = torch.full((b, t), -1, dtype=torch.long)  # -1: padding, seen by nobody
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            position_ids[i, :n] = torch.tensor(e.get("position_ids", range(n)))
+            branch_ids[i, :n] = torch.tensor(e.get("branch_ids", [0] * n))
+        batch["position_ids"], batch["branch_ids"] = position_ids, branch_ids
     with_images = [e for e in examples if "pixel_values" in e]
     if with_images:
         n = max(e["pixel_values"].shape[0] for e in with_images)

@@ -116,6 +116,9 @@ class WorldConfig:
     min_gap: float = 0.03  # empty space between object boxes, as a fraction of the image side
     relation_margin: float = 0.1  # "left of" / "leftmost" need centers this far apart (fraction)
     question_types: tuple[str, ...] = QUESTION_TYPES
+    # relation questions along these axes: "horizontal" (left of / right of, left / right half), "vertical"
+    # (above / below, top / bottom half)
+    relation_axes: tuple[str, ...] = ("horizontal", "vertical")
     place_tries: int = 100  # rejection-sampling cap per object before the scene is drawn again
 
     def __post_init__(self):
@@ -126,6 +129,7 @@ class WorldConfig:
         fix(self, "sizes", tuple((str(n), float(f)) for n, f in self.sizes))
         fix(self, "background", tuple(self.background))
         fix(self, "question_types", tuple(self.question_types))
+        fix(self, "relation_axes", tuple(self.relation_axes))
         if self.held_out is None:
             auto = [(c, self.shapes[i % len(self.shapes)]) for i, c in enumerate(self.colors)]
             fix(self, "held_out", tuple(auto) if len(self.shapes) > 1 else ())
@@ -159,6 +163,8 @@ class WorldConfig:
         if left_colors != set(self.colors) or left_shapes != set(self.shapes):
             raise SmolVLMError("the held-out combos leave some color or shape with no allowed combo; "
                                "hold out fewer combos so every color and shape still appears in training")
+        if not self.relation_axes or set(self.relation_axes) - {"horizontal", "vertical"}:
+            raise SmolVLMError(f"relation_axes must be taken from horizontal, vertical; got {list(self.relation_axes)}")
         bad = [t for t in self.question_types if t not in QUESTION_TYPES]
         if bad or not self.question_types:
             raise SmolVLMError(f"question_types must be taken from {', '.join(QUESTION_TYPES)}; "
@@ -460,27 +466,28 @@ def _candidates(scene: Scene, qtype: str, cfg: WorldConfig) -> dict[str, list[Qu
         # Every fact is asked in a true and a false form, so no question text leans to yes or no.
         # Positions count only when at least `margin` apart (object to object, or from the middle).
         pos = [[p for p, uses in ds if "position" not in uses] for ds in descs]
+        horizontal, vertical = "horizontal" in cfg.relation_axes, "vertical" in cfg.relation_axes
         for i, a in enumerate(objs):
             for j, b in enumerate(objs):
                 h = held[i] or held[j]
                 for da in pos[i]:
                     for db in pos[j]:
-                        if b.x - a.x >= margin:  # a is clearly left of b
+                        if horizontal and b.x - a.x >= margin:  # a is clearly left of b
                             add("x", f"Is the {da} to the left of the {db}?", "yes", h)
                             add("x", f"Is the {db} to the left of the {da}?", "no", h)
                             add("x", f"Is the {da} to the right of the {db}?", "no", h)
                             add("x", f"Is the {db} to the right of the {da}?", "yes", h)
-                        if b.y - a.y >= margin:  # a is clearly above b
+                        if vertical and b.y - a.y >= margin:  # a is clearly above b
                             add("y", f"Is the {da} above the {db}?", "yes", h)
                             add("y", f"Is the {db} above the {da}?", "no", h)
                             add("y", f"Is the {da} below the {db}?", "no", h)
                             add("y", f"Is the {db} below the {da}?", "yes", h)
             for d in pos[i]:  # relative to the image itself: works with a single object too
                 cx, cy = a.x + 0.5, a.y + 0.5
-                if abs(cx - half) >= margin:
+                if horizontal and abs(cx - half) >= margin:
                     add("half", f"Is the {d} in the left half of the image?", "yes" if cx < half else "no", held[i])
                     add("half", f"Is the {d} in the right half of the image?", "no" if cx < half else "yes", held[i])
-                if abs(cy - half) >= margin:
+                if vertical and abs(cy - half) >= margin:
                     add("half", f"Is the {d} in the top half of the image?", "yes" if cy < half else "no", held[i])
                     add("half", f"Is the {d} in the bottom half of the image?", "no" if cy < half else "yes", held[i])
     elif qtype == "compare":

@@ -220,9 +220,11 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         memory: torch.Tensor | None = None,  # (B, M, D) visual tokens for the cross-attention layers
         memory_mask: torch.Tensor | None = None,  # (B, M) bool, True on real visual tokens
+        attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool: the keys each query sees, instead of causal
     ) -> torch.Tensor:
         past_len = cache.length if cache is not None else 0
-        attn_mask = build_attention_mask(key_mask, inputs_embeds.shape[1], past_len)
+        if attn_mask is None:
+            attn_mask = build_attention_mask(key_mask, inputs_embeds.shape[1], past_len)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         cross = None  # per cross layer (k, v) of the memory; None: a text-only pass skips the cross layers
         if memory is not None:

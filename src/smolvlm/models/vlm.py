@@ -220,9 +220,11 @@ class VLM(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, over cache + new tokens
         position_ids: torch.Tensor | None = None,  # (B, T)
         cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,  # (B, 1, T, T) bool, keys per query (training's packed turns)
     ) -> torch.Tensor:
         """The decoder's final (normed) hidden states (B, T, D); training picks the positions it needs
-        before the (large) vocabulary projection."""
+        before the (large) vocabulary projection. attn_mask replaces causal attention (with position_ids
+        given): see data/conversations.py, independent turns."""
         if pixel_values is not None:
             image_embeds = self.encode_images(pixel_values, pixel_attention_mask)
         x = self.embed(input_ids, image_embeds)
@@ -238,7 +240,7 @@ class VLM(nn.Module):
             else:
                 position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(x.shape[0], t)
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        return self.text_model(x, position_ids, key_mask, cache, memory, memory_mask)
+        return self.text_model(x, position_ids, key_mask, cache, memory, memory_mask, attn_mask)
 
     def forward(
         self,
