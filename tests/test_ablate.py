@@ -2,6 +2,10 @@
 
 import argparse
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +70,44 @@ def test_contrastive_retrieval_needs_the_head(tmp_path):
     model, _ = build_model(resolve_config("test-tiny", None, []).model, 0)
     with pytest.raises(SmolVLMError, match="needs a model with a contrastive head"):
         retrieval_scoring(model, argparse.Namespace(retrieval_scoring="contrastive"))
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat: the parent's pid
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # not a zombie
+    except OSError:
+        return False
+
+
+def test_killing_ablate_stops_the_variant_it_runs(tmp_path):
+    out = tmp_path / "ablation"
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "smolvlm.cli", "ablate", "--out", str(out), "--budget-minutes", "5", "--variants",
+         "baseline", "--preset", "test-tiny", "--threads", "1", "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not list((out / "baseline" / "train").glob("metrics.jsonl")):  # the variant is training
+        assert parent.poll() is None and time.time() < deadline, "the variant never started training"
+        time.sleep(0.5)
+    children = children_of(parent.pid)
+    assert children
+    parent.terminate()
+    assert parent.wait(timeout=60) != 0
+    deadline = time.time() + 30
+    while any(alive(c) for c in children):
+        assert time.time() < deadline, "a variant process outlived the killed ablation"
+        time.sleep(0.2)
+    assert not (out / "baseline" / "result.json").exists()

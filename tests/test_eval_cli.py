@@ -163,3 +163,16 @@ def test_eval_suite_shapes(capsys, tmp_path, model_dir):
     assert tasks["shapes-retrieval"]["captions"] == 10  # 2 images x 5 captions
     assert all(t["efficiency"]["peak_memory_mb"] > 0 for t in tasks.values())
     assert (tmp_path / "suite/suite.md").read_text() == out
+
+
+def test_eval_shapes_on_a_chosen_world(capsys, tmp_path, model_dir):
+    """--world: the shapes world a model was trained on (e.g. the demo's five question types)."""
+    world = '{"question_types": ["count", "exist"], "relation_axes": ["horizontal"]}'
+    code, out, err = run(capsys, "eval", "--task", "shapes-vqa", "--model", model_dir, "--world", world,
+                         "--out", tmp_path / "w", *FAST[:1], "8", *FAST[2:])
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert metrics["examples"] == 8 and set(metrics["per_answer_type"]) <= {"count", "exist"}, metrics
+    code, out, err = run(capsys, "eval", "--task", "shapes-vqa", "--model", model_dir, "--world", "{nope",
+                         "--out", tmp_path / "bad", *FAST)
+    assert code == 2 and "--world is not valid JSON" in err

@@ -14,7 +14,17 @@ import torch
 
 from smolvlm.checkpoint import load
 from smolvlm.errors import SmolVLMError
-from smolvlm.train import TrainConfig, checkpoint_paths, from_dict, read_metrics, resolve_config, train
+from smolvlm.train import (
+    StepBatches,
+    TrainConfig,
+    build_data,
+    checkpoint_paths,
+    from_dict,
+    read_metrics,
+    resolve_config,
+    token_losses,
+    train,
+)
 
 SMOLVLM = [sys.executable, "-m", "smolvlm.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -175,6 +185,17 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert len(losses(two)) == 4
 
 
+def cross_entropy_on(model, steps, cfg, n_steps: int = 10) -> float:
+    total = tokens = 0
+    with torch.no_grad():
+        for s in range(n_steps):
+            for batch in steps[s]:
+                embeds = model.encode_images(batch["pixel_values"], batch.get("pixel_attention_mask"))
+                _, ce, n = token_losses(model, batch, None, cfg.distill, False, embeds)
+                total, tokens = total + float(ce), tokens + n
+    return total / tokens
+
+
 def test_lora_stage_learns_and_adapters_reload(tmp_path, base_run):
     from smolvlm.lora import load_adapters
 
@@ -184,11 +205,13 @@ def test_lora_stage_learns_and_adapters_reload(tmp_path, base_run):
         "stages.0.train=[lora]", "optim.lr_lora=0.01", "lora.rank=4", "data.seed=1",
     ])
     train(cfg, out, progress=False)
-    ls = losses(out)
-    assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3
     assert json.loads((out / "adapters" / "adapter_config.json").read_text())["r"] == 4
     merged, processor = load(out / "model")
     base, _ = load(base_run / "model")
+    # the adapters lower the loss on the batches they were trained on (measured on those fixed batches: the
+    # running loss's batch-to-batch spread is larger than what 10 adapter steps on a 12-step base can learn)
+    steps = StepBatches(build_data(cfg.data, cfg.seed, cfg.batch_size), processor, cfg, 0, 1)
+    assert cross_entropy_on(merged, steps, cfg) < cross_entropy_on(base, steps, cfg) - 1e-3
     with_adapters = load_adapters(base, out / "adapters").eval()
     ids = processor("<|im_start|>User: How many objects are there?<end_of_utterance>\nAssistant:")["input_ids"]
     with torch.no_grad():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,15 @@ def eval_args(args, out: Path) -> argparse.Namespace:
     """The options `smolvlm eval` would have for the shapes tasks."""
     return argparse.Namespace(limit=args.eval_limit, data=None, images=None, split=None, max_new_tokens=None,
                               dtype=args.dtype, fresh=False, seed=args.seed, batch_size=args.batch_size,
-                              progress=args.progress, meteor=False, retrieval_scoring="auto", out=str(out))
+                              progress=args.progress, meteor=False, retrieval_scoring="auto", out=str(out),
+                              world=preset_world(args))
+
+
+def preset_world(args) -> dict:
+    """The shapes world the variants train on (the preset's, with --override's): they are evaluated on it."""
+    from smolvlm.train import resolve_config
+
+    return resolve_config(args.preset, None, list(args.overrides)).data.world
 
 
 def decode_tokens_per_s(model, processor) -> float:
@@ -163,7 +172,12 @@ def run_ablation(args) -> dict:
         # "spawn": a fresh interpreter, not a fork of this one (with its torch threads and memory)
         worker = multiprocessing.get_context("spawn").Process(target=variant_process, args=(name, args))
         worker.start()
-        worker.join()
+        try:
+            worker.join()
+        finally:  # interrupted (Ctrl-C, SIGTERM): stop the variant too instead of leaving it training alone
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
         if worker.exitcode != 0 or not result_file.is_file():
             raise SmolVLMError(f"variant {name} failed (exit code {worker.exitcode}; its output is above); fix it "
                                f"and run the same command again: finished variants are kept")
@@ -242,7 +256,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     args.variants, args.progress = names, not args.no_progress
     if args.threads:
         args.overrides = [f"threads={args.threads}", *args.overrides]
-    summary = run_ablation(args)
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C does, so run_ablation stops the running variant
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        summary = run_ablation(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(summary) if args.json else ablation_markdown(summary), end="\n" if args.json else "")
     if not args.json:
         print(f"(table, JSON and plot in {args.out})")

@@ -356,8 +356,8 @@ def shapes_vision() -> VisionConfig:
 
 
 def shapes_tiny() -> TrainConfig:
-    """The demo model: a MobileNet-style CNN + pixel shuffle + a 128x4 decoder (~2.4M parameters) on a
-    600-token vocabulary trained on the shapes world's text, trained from scratch in a few minutes on
+    """The demo model: a MobileNet-style CNN + pixel shuffle + a 128x4 decoder (1.3M parameters) on a
+    530-token BPE vocabulary trained on the shapes world's text, trained from scratch in a few minutes on
     2 CPU cores. The world asks the five question types the demo reports, relations left/right only."""
     return TrainConfig(
         model=ModelSpec(

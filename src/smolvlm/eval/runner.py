@@ -202,9 +202,15 @@ def _shapes_data(task: str, args) -> TaskData:
     limit = args.limit or SHAPES_DEFAULT_LIMIT[task]
     if args.data is not None:
         return _shapes_export_data(task, Path(args.data), limit)
-    from smolvlm.data.shapes import PAIR_PROMPT, ShapesWorld
+    from smolvlm.data.shapes import PAIR_PROMPT, ShapesWorld, WorldConfig
 
-    world = ShapesWorld(seed=args.seed)
+    world_fields = getattr(args, "world", None) or {}
+    if isinstance(world_fields, str):
+        try:
+            world_fields = json.loads(world_fields)
+        except json.JSONDecodeError as e:
+            raise SmolVLMError(f"--world is not valid JSON ({e}); e.g. --world '{{\"max_objects\": 3}}'") from None
+    world = ShapesWorld(WorldConfig.from_dict(world_fields), seed=args.seed)
     if task in ("shapes-vqa", "shapes-gqa"):
         # VQA-style on the test split; GQA-style (compositional generalisation) on the held-out combos
         split = "test" if task == "shapes-vqa" else "compositional"
@@ -761,6 +767,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder: predictions.jsonl, metrics.json (default eval-runs/<task>-<model>)")
     p.add_argument("--fresh", action="store_true", help="discard the predictions already in --out")
     p.add_argument("--seed", type=int, default=0, help="shapes world seed for generated data (default 0)")
+    p.add_argument("--world", metavar="JSON", help="shapes world fields for generated data, as the training config's "
+                   "data.world (e.g. '{\"question_types\": [\"color\", \"count\"]}'; default: the default world)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--meteor", action="store_true", help="also METEOR for captions (needs Java + pycocoevalcap)")
