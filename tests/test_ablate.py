@@ -54,6 +54,11 @@ def test_ablate_end_to_end_and_resumable(tmp_path, capsys):
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     assert captured.err.count("done earlier, skipped") == 2 and json.loads(captured.out) == summary
+    # a variant interrupted after its training is evaluated again and still reports its training's peak RSS
+    (out / "baseline" / "result.json").unlink()
+    assert cli.main(argv) == 0
+    again = json.loads(capsys.readouterr().out)["variants"]["baseline"]
+    assert again["train_peak_rss_mb"] == summary["variants"]["baseline"]["train_peak_rss_mb"] > 0
 
 
 def test_ablate_option_errors(tmp_path, capsys):

@@ -50,20 +50,23 @@ def log(message: str) -> None:
 
 def train_variant(name: str, overrides: list[str], folder: Path, args) -> dict:
     """Train one variant under the budget (or finish its interrupted run); returns its training figures."""
-    from smolvlm.eval.runner import PeakMemory
+    from smolvlm.eval.runner import PeakMemory, atomic_write_text
     from smolvlm.train import read_metrics, resolve_config, train
 
     run = folder / "train"
     cfg = resolve_config(args.preset, None, [*args.overrides, *overrides, f"max_minutes={args.budget_minutes}"])
     budget_file = run / "budget.json"
-    peak = None
+    # kept beside the run, so a variant whose evaluation was interrupted still reports its training's peak
+    # (None: a resumed training, whose peak before the interruption is not known)
+    peak_file = folder / "train_peak_rss_mb.json"
     if not ((run / "model" / "config.json").is_file() and budget_file.is_file()):
         resume = (run / "run.json").is_file()
         log(f"  training ({'resuming, ' if resume else ''}budget {args.budget_minutes:g} min)")
         gc.collect()
         with PeakMemory() as mem:
             train(cfg, run, resume=resume, progress=args.progress)
-        peak = mem.mb
+        atomic_write_text(peak_file, json.dumps(None if resume else mem.mb))
+    peak = json.loads(peak_file.read_text()) if peak_file.is_file() else None
     note = json.loads(budget_file.read_text())
     rows = read_metrics(run)
     return {"steps": note["steps"], "train_seconds": note["train_seconds"], "ended_by": note["ended_by"],
@@ -203,7 +206,8 @@ def ablation_markdown(summary: dict) -> str:
     lines = [f"Preset {summary['preset']}, {summary['budget_minutes']:g} min of training each"
              + (f", overrides {' '.join(summary['overrides'])}" if summary["overrides"] else "") + ".",
              "R@1 is the mean of image-to-text and text-to-image (c: scored by contrastive embeddings, else by "
-             "caption log-probability); peak RSS is the larger of training's and evaluation's.", "",
+             "caption log-probability); peak RSS is the larger of training's and evaluation's (e: evaluation's "
+             "alone, the training was resumed and its earlier peak is not known).", "",
              "| variant | params | train s | steps | VQA acc | " + " | ".join(types)
              + " | compositional acc | CIDEr | R@1 | decode tok/s | peak RSS MB |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(types) + "---:|---:|---:|---:|---:|"]
@@ -213,7 +217,7 @@ def ablation_markdown(summary: dict) -> str:
         lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['train_seconds']:.0f} | {r['steps']} "
                      f"| {r['vqa_accuracy']:.3f} | {per_type} | {r['compositional_accuracy']:.3f} "
                      f"| {r['caption_cider']:.3f} | {r['retrieval_r1']:.3f}{mark} | {r['decode_tok_s']:.0f} "
-                     f"| {r['peak_rss_mb']:.0f} |")
+                     f"| {r['peak_rss_mb']:.0f}{' e' if r['train_peak_rss_mb'] is None else ''} |")
     return "\n".join(lines) + "\n"
 
 
