@@ -59,6 +59,10 @@ def test_ablate_end_to_end_and_resumable(tmp_path, capsys):
     assert cli.main(argv) == 0
     again = json.loads(capsys.readouterr().out)["variants"]["baseline"]
     assert again["train_peak_rss_mb"] == summary["variants"]["baseline"]["train_peak_rss_mb"] > 0
+    # results made under another budget are not mixed into this one's table
+    other = [a if a != "0.03" else "0.05" for a in argv]
+    assert cli.main(other) == 2
+    assert "was made with budget_minutes=0.03, this run has 0.05" in capsys.readouterr().err
 
 
 def test_ablate_option_errors(tmp_path, capsys):

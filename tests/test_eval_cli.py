@@ -173,6 +173,13 @@ def test_eval_shapes_on_a_chosen_world(capsys, tmp_path, model_dir):
     assert code == 0, err
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
     assert metrics["examples"] == 8 and set(metrics["per_answer_type"]) <= {"count", "exist"}, metrics
+    # the predictions of one world are not resumed as another's
+    code, out, err = run(capsys, "eval", "--task", "shapes-vqa", "--model", model_dir, "--world",
+                         '{"question_types": ["color"]}', "--out", tmp_path / "w", *FAST[:1], "8", *FAST[2:])
+    assert code == 2 and "holds predictions of a different run" in err
+    code, out, err = run(capsys, "eval", "--task", "shapes-vqa", "--model", model_dir, "--world", "[1, 2]",
+                         "--out", tmp_path / "bad", *FAST)
+    assert code == 2 and "--world must be a JSON object" in err
     code, out, err = run(capsys, "eval", "--task", "shapes-vqa", "--model", model_dir, "--world", "{nope",
                          "--out", tmp_path / "bad", *FAST)
     assert code == 2 and "--world is not valid JSON" in err

@@ -48,13 +48,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train_variant(name: str, overrides: list[str], folder: Path, args) -> dict:
+def train_variant(cfg, folder: Path, args) -> dict:
     """Train one variant under the budget (or finish its interrupted run); returns its training figures."""
     from smolvlm.eval.runner import PeakMemory, atomic_write_text
-    from smolvlm.train import read_metrics, resolve_config, train
+    from smolvlm.train import read_metrics, train
 
     run = folder / "train"
-    cfg = resolve_config(args.preset, None, [*args.overrides, *overrides, f"max_minutes={args.budget_minutes}"])
     budget_file = run / "budget.json"
     # kept beside the run, so a variant whose evaluation was interrupted still reports its training's peak
     # (None: a resumed training, whose peak before the interruption is not known)
@@ -73,19 +72,12 @@ def train_variant(name: str, overrides: list[str], folder: Path, args) -> dict:
             "final_loss": rows[-1]["loss"] if rows else None, "train_peak_rss_mb": peak}
 
 
-def eval_args(args, out: Path) -> argparse.Namespace:
-    """The options `smolvlm eval` would have for the shapes tasks."""
+def eval_args(args, out: Path, world: dict) -> argparse.Namespace:
+    """The options `smolvlm eval` would have for the shapes tasks, on the shapes world the variant trained on."""
     return argparse.Namespace(limit=args.eval_limit, data=None, images=None, split=None, max_new_tokens=None,
                               dtype=args.dtype, fresh=False, seed=args.seed, batch_size=args.batch_size,
                               progress=args.progress, meteor=False, retrieval_scoring="auto", out=str(out),
-                              world=preset_world(args))
-
-
-def preset_world(args) -> dict:
-    """The shapes world the variants train on (the preset's, with --override's): they are evaluated on it."""
-    from smolvlm.train import resolve_config
-
-    return resolve_config(args.preset, None, list(args.overrides)).data.world
+                              world=world)
 
 
 def decode_tokens_per_s(model, processor) -> float:
@@ -107,7 +99,7 @@ def decode_tokens_per_s(model, processor) -> float:
     return (LONG - SHORT) / (best_time(lambda: decode(LONG), 2) - best_time(lambda: decode(SHORT), 2))
 
 
-def evaluate_variant(folder: Path, args) -> dict:
+def evaluate_variant(folder: Path, world: dict, args) -> dict:
     from smolvlm.checkpoint import load
     from smolvlm.eval.runner import PeakMemory, run_task
 
@@ -119,7 +111,7 @@ def evaluate_variant(folder: Path, args) -> dict:
         for task in EVAL_TASKS:
             log(f"  {task}")
             out = folder / "eval" / task
-            tasks[task] = run_task(task, str(model_dir), eval_args(args, out), out, (model, processor))
+            tasks[task] = run_task(task, str(model_dir), eval_args(args, out, world), out, (model, processor))
         log("  decode speed")
         tok_s = decode_tokens_per_s(model, processor)
     vqa, retrieval = tasks["shapes-vqa"], tasks["shapes-retrieval"]
@@ -140,20 +132,30 @@ def run_variant(name: str, args) -> int:
     import torch
 
     from smolvlm.eval.runner import atomic_write_text
+    from smolvlm.train import resolve_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(args.out) / name
     try:
-        result = {"variant": name, "overrides": VARIANTS[name], **train_variant(name, VARIANTS[name], folder, args)}
-        result.update(evaluate_variant(folder, args))
+        overrides = [*args.overrides, *VARIANTS[name], f"max_minutes={args.budget_minutes}"]
+        cfg = resolve_config(args.preset, None, overrides)
+        result = {"variant": name, "overrides": VARIANTS[name], **train_variant(cfg, folder, args)}
+        result.update(evaluate_variant(folder, cfg.data.world, args))  # evaluated on the world it trained on
     except SmolVLMError as e:
         log(f"smolvlm ablate: error: variant {name}: {e}")
         return 2
     peaks = [p for p in (result["train_peak_rss_mb"], result["eval_peak_rss_mb"]) if p is not None]
     result["peak_rss_mb"] = max(peaks)
+    result["settings"] = ablation_settings(args)
     atomic_write_text(folder / "result.json", json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def ablation_settings(args) -> dict:
+    """What makes variants comparable: a result made under other settings is not reused."""
+    return {"preset": args.preset, "budget_minutes": args.budget_minutes, "overrides": list(args.overrides),
+            "eval_limit": args.eval_limit, "seed": args.seed, "dtype": args.dtype}
 
 
 def run_ablation(args) -> dict:
@@ -168,9 +170,15 @@ def run_ablation(args) -> dict:
         result_file = out / name / "result.json"
         if result_file.is_file():
             results[name] = json.loads(result_file.read_text())
+            settings, earlier = ablation_settings(args), results[name].get("settings", {})
+            if earlier != settings:
+                key = next(k for k in settings if earlier.get(k) != settings[k])
+                raise SmolVLMError(f"{result_file} was made with {key}={earlier.get(key)!r}, this run has "
+                                   f"{settings[key]!r}: its figures would not compare; use another --out, or "
+                                   f"delete {out / name} to redo that variant")
             log(f"[{i}/{len(args.variants)}] {name}: done earlier, skipped")
             continue
-        log(f"[{i}/{len(args.variants)}] {name} ({' '.join(VARIANTS[name]) or 'the preset as it is'})")
+        log(f"[{i}/{len(args.variants)}] {name} ({' '.join(VARIANTS[name])})")
         t0 = time.time()
         # "spawn": a fresh interpreter, not a fork of this one (with its torch threads and memory)
         worker = multiprocessing.get_context("spawn").Process(target=variant_process, args=(name, args))

@@ -204,13 +204,7 @@ def _shapes_data(task: str, args) -> TaskData:
         return _shapes_export_data(task, Path(args.data), limit)
     from smolvlm.data.shapes import PAIR_PROMPT, ShapesWorld, WorldConfig
 
-    world_fields = getattr(args, "world", None) or {}
-    if isinstance(world_fields, str):
-        try:
-            world_fields = json.loads(world_fields)
-        except json.JSONDecodeError as e:
-            raise SmolVLMError(f"--world is not valid JSON ({e}); e.g. --world '{{\"max_objects\": 3}}'") from None
-    world = ShapesWorld(WorldConfig.from_dict(world_fields), seed=args.seed)
+    world = ShapesWorld(WorldConfig.from_dict(args.world), seed=args.seed)
     if task in ("shapes-vqa", "shapes-gqa"):
         # VQA-style on the test split; GQA-style (compositional generalisation) on the held-out combos
         split = "test" if task == "shapes-vqa" else "compositional"
@@ -622,8 +616,11 @@ def run_task(task: str, model_arg: str, args, out: Path, loaded=None) -> dict:
     data = load_task_data(task, args)
     if not data.examples:
         raise SmolVLMError(f"no examples to evaluate for {task}; check --data / --limit")
+    generated = f"generated(seed={args.seed})"
+    if args.world:  # a run on another world does not resume this one's predictions (the default keeps its identity)
+        generated = f"generated(seed={args.seed}, world={json.dumps(args.world, sort_keys=True)})"
     identity = {"task": task, "model": _model_identity(model_arg), "data": str(Path(args.data).resolve())
-                if args.data else f"generated(seed={args.seed})", "limit": args.limit,
+                if args.data else generated, "limit": args.limit,
                 "images": args.images, "split": args.split, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
     model, processor = loaded if loaded is not None else load(model_arg, dtype=args.dtype)
     if data.kind == "retrieval" and model.has_vision and retrieval_scoring(model, args) == "contrastive":
@@ -707,6 +704,20 @@ def _print_task(result: dict) -> None:
         print(f"unreadable image ({k}): {err}", file=sys.stderr)
 
 
+def parse_world(text: str | None) -> dict:
+    """--world: WorldConfig fields as a JSON object ({} for the default world)."""
+    if not text:
+        return {}
+    example = "e.g. --world '{\"max_objects\": 3}'"
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SmolVLMError(f"--world is not valid JSON ({e}); {example}") from None
+    if not isinstance(fields, dict):
+        raise SmolVLMError(f"--world must be a JSON object of shapes-world fields, got {text!r}; {example}")
+    return fields
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SmolVLMError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -717,6 +728,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     args.progress = not args.no_progress
+    args.world = parse_world(args.world)
     if args.suite:
         if args.task:
             raise SmolVLMError("give either --suite or --task, not both")
