@@ -1035,6 +1035,7 @@ def stage_at(stages: list[Stage], step: int) -> tuple[int, int]:
 # A run with a time budget times these steps (after the first, which pays one-off costs) and then plans
 # its schedule: the stages are rescaled to the steps the rest of the budget buys at that speed.
 BUDGET_PROBE_STEPS = 8
+UNPLANNED = 10**9  # the step count of a budgeted run until its plan is made (it ends by the clock or the plan)
 
 
 def budget_plan(stages: list[Stage], steps_done: int, seconds_per_step: float, seconds_left: float) -> list[Stage]:
@@ -1077,8 +1078,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
     seconds_before = state.get("train_seconds", 0.0) if state is not None else 0.0  # earlier sessions' time
     if budget_s and not planned:
         # until it is planned, a budgeted run stays in its first stage: warmup, then the peak learning rate
-        stages = [dataclasses.replace(cfg.stages[0], steps=10**9)] + cfg.stages[1:]
-    total = sum(s.steps for s in stages) if not budget_s or planned else 10**9
+        stages = [dataclasses.replace(cfg.stages[0], steps=UNPLANNED)] + cfg.stages[1:]
+    total = sum(s.steps for s in stages) if not budget_s or planned else UNPLANNED
     if max_steps is not None:
         total = min(total, max_steps)
 
@@ -1104,7 +1105,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
     if dist.main and progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total if total < 10**9 else None, initial=start, desc="train", unit="step",
+        bar = tqdm(total=total if total < UNPLANNED else None, initial=start, desc="train", unit="step",
                    dynamic_ncols=True)
     t_start = time.time()
     probe_from = None  # (step, time) after the first step of this session, for the budget's plan
@@ -1112,7 +1113,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
     loss_value = None
     budget_spent = False
     # a budgeted run may be planned longer than configured: the loader runs on until the loop stops
-    loader = iter(step_loader(dataset, start, total if not budget_s else 10**9, cfg.workers))
+    loader = iter(step_loader(dataset, start, total if not budget_s else UNPLANNED, cfg.workers))
     model.train()
     step = start
     while step < total:

@@ -4,7 +4,7 @@ SmolLM2's 49,152-token vocabulary makes a tiny decoder spend half of each traini
 softmax and the embedding table (measured: 0.72 s vs 0.38 s per shapes-tiny step on one core). The
 shapes world speaks ~100 words, so the demo model uses a BPE vocabulary trained on the world's own
 text instead: same pre-tokenizer and decoder as SmolLM2 (byte level, so any text still encodes), same
-special tokens, ~530 entries (the merges run out before VOCAB_SIZE). It is rebuilt deterministically
+special tokens, 528 entries (the merges run out before VOCAB_SIZE). It is rebuilt deterministically
 from the world's text whenever a model names `shapes` as its vocabulary source, and saved with the model
 (tokenizer.json) like any other.
 """
