@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from reference import prompt_ids
 from smolvlm.generation import SamplingParams, encode_images_cached, generate_ids
+from smolvlm.models import vision as vision_module
 from smolvlm.models import vlm as vlm_module
 from smolvlm.models.decoder import DECODE_MATMUL_FROM, KVCache
 from smolvlm.models.vlm import VLM, preset
@@ -95,16 +96,27 @@ def test_decode_attention_over_long_cache_matches_sdpa():
     assert (got - ref).abs().max() < 1e-4
 
 
-def test_bf16_vision_matmul_attention_and_batched_tiles_close_to_sdpa(monkeypatch):
+def test_bf16_vision_fast_path_and_batched_tiles_close_to_plain(monkeypatch):
     model = tiny(dtype=torch.bfloat16)
     pixels = torch.randn(1, 7, 3, 32, 32)
-    with torch.no_grad():
-        ref = model.encode_images(pixels)  # grad mode: SDPA, one batch
+    ref = model.encode_images(pixels).detach()  # grad mode: SDPA and F.gelu, one batch
     with torch.inference_mode():
         monkeypatch.setattr(vlm_module, "VISION_BATCH", 3)
-        got = model.encode_images(pixels)  # matmul attention, tiles 3 at a time
+        monkeypatch.setattr(vision_module, "HEADS_PER_CHUNK", 1)  # several chunks even with the tiny preset's heads
+        got = model.encode_images(pixels)  # chunked matmul attention, oneDNN linear + GELU, tiles 3 at a time
     assert got.shape == ref.shape
     assert F.cosine_similarity(got.float().flatten(), ref.float().flatten(), dim=0) > 0.999
+
+
+def test_chunked_matmul_attention_matches_sdpa_with_padding_mask(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))  # 3 heads: chunks of 2 leave a partial last chunk
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[1, ..., 6:] = False  # the second image's last 4 patches are padding
+    monkeypatch.setattr(vision_module, "HEADS_PER_CHUNK", 2)
+    got = vision_module.matmul_attention(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (got - ref).abs().max() < 1e-5
 
 
 def test_image_embedding_cache_reuses_tiles_and_sees_weight_updates():
