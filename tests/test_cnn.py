@@ -31,6 +31,25 @@ def test_cnn_tokens_know_where_they_are():
     assert not torch.allclose(out[0, 0], out[0, 5])
 
 
+def test_initial_positions_are_as_loud_as_features_and_order_columns():
+    """init_cnn starts the position table at 2D sine-cosine codes of unit mean square (not normal(0.02),
+    which LayerNorm leaves inaudible next to the features), one code per column shared down the column,
+    and a linear read-out recovers the column index (what "left of" needs)."""
+    side, dim = 8, 64
+    enc = CNNEncoder(CNNConfig(hidden_size=dim, stem_width=8, widths=(8, 16), image_size=side * 8))
+    init_cnn(enc)
+    pos = enc.position_embedding.weight.detach()  # (side*side, dim), row-major grid
+    assert abs(pos.pow(2).mean().item() - 1.0) < 1e-4
+    grid = pos.view(side, side, dim)
+    column_part = grid[..., : dim // 2]
+    assert torch.allclose(column_part, column_part[:1].expand_as(column_part))  # same code down a column
+    assert len({tuple(r.tolist()) for r in pos}) == side * side  # every cell its own code
+    cols = torch.arange(side, dtype=torch.float32).repeat(side)  # column index of each row-major cell
+    design = torch.cat([pos, torch.ones(side * side, 1)], dim=1)
+    fit = torch.linalg.lstsq(design, cols[:, None]).solution
+    assert (design @ fit - cols[:, None]).abs().max() < 0.25  # within a quarter of a cell
+
+
 def test_cnn_model_saves_reloads_and_says_what_it_is(tmp_path):
     cfg = resolve_config("test-tiny", None, ["model.vision_type=cnn", "model.cnn.image_size=32",
                                              "model.cnn.widths=[16,24]", "model.cnn.hidden_size=32"])

@@ -104,5 +104,24 @@ def init_cnn(model: CNNEncoder) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-    nn.init.normal_(model.position_embedding.weight, std=0.02)
+    with torch.no_grad():
+        model.position_embedding.weight.copy_(sincos_grid(model.cfg.patches_per_side, model.cfg.hidden_size))
+
+
+def sincos_grid(side: int, dim: int) -> torch.Tensor:
+    """2D sine-cosine positions (as in MAE), side*side rows of dim values with unit mean square: half the
+    channels encode the column, half the row, at geometric frequencies. The learned table starts here,
+    not at normal(0.02): a position as loud as the features it is added to lets "left of" / "in the left
+    half" be read off from the first steps (measured: see docs/training.md)."""
+    quarter = dim // 4
+    freqs = 1.0 / 100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter - 1, 1))  # (dim/4,)
+    pos = torch.arange(side, dtype=torch.float32) / max(side - 1, 1) * torch.pi  # 0..pi over the grid
+    angles = pos[:, None] * freqs[None, :]  # (side, dim/4)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, dim/2): one axis
+    rows = axis[:, None, :].expand(side, side, -1)  # row index -> code
+    cols = axis[None, :, :].expand(side, side, -1)  # column index -> code
+    grid = torch.cat([cols, rows], dim=-1).reshape(side * side, -1)  # (side*side, 4*quarter), row-major
+    out = torch.zeros(side * side, dim)
+    out[:, : grid.shape[1]] = grid
+    return out / out.pow(2).mean().sqrt()
 
