@@ -45,9 +45,9 @@ def test_initial_positions_are_as_loud_as_features_and_order_columns():
     assert torch.allclose(column_part, column_part[:1].expand_as(column_part))  # same code down a column
     assert len({tuple(r.tolist()) for r in pos}) == side * side  # every cell its own code
     cols = torch.arange(side, dtype=torch.float32).repeat(side)  # column index of each row-major cell
-    design = torch.cat([pos, torch.ones(side * side, 1)], dim=1)
-    fit = torch.linalg.lstsq(design, cols[:, None]).solution
-    assert (design @ fit - cols[:, None]).abs().max() < 0.25  # within a quarter of a cell
+    design = torch.cat([pos, torch.ones(side * side, 1)], dim=1).double()  # rank-deficient: solve by SVD
+    fit = torch.linalg.pinv(design) @ cols[:, None].double()
+    assert (design @ fit - cols[:, None]).abs().max() < 0.05
 
 
 def test_cnn_model_saves_reloads_and_says_what_it_is(tmp_path):
