@@ -302,7 +302,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, or an earlier demo with --force)")
     p.add_argument("--preset", default="shapes-tiny", help="training preset (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
-    p.add_argument("--blind-steps", type=int, metavar="N", help="blind baseline steps (default: half the model's, at most 400)")
+    p.add_argument("--blind-steps", type=int, metavar="N",
+                   help="blind baseline steps (default: half the model's, at most 400)")
     p.add_argument("--test-images", type=int, default=300, metavar="N", help="test images (4 questions each)")
     p.add_argument("--force", action="store_true", help="replace an earlier demo in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
