@@ -94,6 +94,21 @@ def check_answer(scene: Scene, question: str, cfg: WorldConfig) -> str:
         return str(len(match(objs, g[1], cfg)))
     if g := re.fullmatch(r"Is there an? (\w+) (\w+)\?", question):
         return yn(any(o.color == g[1] and o.shape == g[2] for o in objs))
+    if g := re.fullmatch(r"Is the (.+) in the (left or the right|top or the bottom) half of the image\?", question):
+        o = the(objs, g[1], cfg)
+        c = o.x + 0.5 if g[2].startswith("left") else o.y + 0.5
+        assert abs(c - half) >= m, question
+        if g[2].startswith("left"):
+            return "left" if c < half else "right"
+        return "top" if c < half else "bottom"
+    if g := re.fullmatch(r"Is the (.+?) (to the left or to the right of|above or below) the (.+)\?", question):
+        a, b = the(objs, g[1], cfg), the(objs, g[3], cfg)
+        assert a is not b
+        d = b.x - a.x if g[2].startswith("to the") else b.y - a.y
+        assert abs(d) >= m, f"{question}: too close to call"
+        if g[2].startswith("to the"):
+            return "left" if d > 0 else "right"
+        return "above" if d > 0 else "below"
     if g := re.fullmatch(r"Is the (.+) in the (left|right|top|bottom) half of the image\?", question):
         o = the(objs, g[1], cfg)
         c = o.x + 0.5 if g[2] in ("left", "right") else o.y + 0.5
@@ -250,7 +265,11 @@ def test_texture_is_optional_and_seeded():
 # questions
 
 
-@pytest.mark.parametrize("cfg,split", [(CFG, "train"), (CFG, "compositional"), (BIG, "val")])
+YES_NO_RELATIONS = WorldConfig(relation_form="yes-no")
+
+
+@pytest.mark.parametrize("cfg,split", [(CFG, "train"), (CFG, "compositional"), (BIG, "val"),
+                                       (YES_NO_RELATIONS, "train")])
 def test_every_answer_is_right_unambiguous_and_one_word(cfg, split):
     world = ShapesWorld(cfg, seed=2)
     for s in world.scenes(split, 150):
@@ -277,7 +296,7 @@ def test_types_and_answers_are_balanced():
         share = len(answers) / len(qs)
         assert 0.12 <= share <= 0.28, (t, share)
         top = Counter(answers).most_common(1)[0][1] / len(answers)
-        if t in YES_NO_TYPES:
+        if shapes.is_yes_no(t, CFG):
             assert 0.45 <= answers.count("yes") / len(answers) <= 0.55, t
         else:
             assert top <= 0.4, (t, Counter(answers))
@@ -462,7 +481,7 @@ def test_training_turns_do_not_reveal_each_other():
             for a, b in itertools.combinations(qs, 2):
                 pairs += 1
                 same_type += a.qtype == b.qtype
-                if a.qtype == b.qtype and a.qtype in YES_NO_TYPES:
+                if a.qtype == b.qtype and shapes.is_yes_no(a.qtype, CFG):
                     yn_pairs += 1
                     flipped += a.answer != b.answer
         return same_type / pairs, flipped / yn_pairs
@@ -475,7 +494,27 @@ def test_training_turns_do_not_reveal_each_other():
           for q in shapes.questions(s, random.Random(i), 4, CFG, scheduled=False)]
     for t in YES_NO_TYPES:
         answers = [q.answer for q in qs if q.qtype == t]
-        assert 0.4 <= answers.count("yes") / len(answers) <= 0.6, t
+        if shapes.is_yes_no(t, CFG):
+            assert 0.4 <= answers.count("yes") / len(answers) <= 0.6, t
+        else:  # relations asked as a choice: each side as often as the other
+            assert max(Counter(answers).values()) / len(answers) <= 0.4, (t, Counter(answers))
+
+
+def test_relation_forms_choice_by_default_yes_no_on_request():
+    """Relations are asked as GQA asks them (answer: the side) unless relation_form is 'yes-no' (answer: yes /
+    no, balanced): the same facts either way."""
+    sides = {"left", "right", "above", "below", "top", "bottom"}
+    for cfg, answers in ((CFG, sides), (YES_NO_RELATIONS, {"yes", "no"})):
+        world = ShapesWorld(WorldConfig(question_types=("relation",), relation_form=cfg.relation_form), seed=3)
+        got = Counter(q.answer for s in world.scenes("train", 400) for q in world.questions(s, 4))
+        assert set(got) == answers, got
+        if cfg.relation_form == "yes-no":
+            assert 0.45 <= got["yes"] / sum(got.values()) <= 0.55
+        else:  # left as often as right, above as often as below, top as often as bottom
+            for a, b in (("left", "right"), ("above", "below"), ("top", "bottom")):
+                assert 0.7 <= got[a] / got[b] <= 1.4, got
+    with pytest.raises(SmolVLMError, match="relation_form"):
+        WorldConfig(relation_form="maybe")
 
 
 def test_relation_axes_limit_relation_questions():
