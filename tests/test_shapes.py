@@ -265,11 +265,11 @@ def test_texture_is_optional_and_seeded():
 # questions
 
 
-YES_NO_RELATIONS = WorldConfig(relation_form="yes-no")
+CHOICE_RELATIONS = WorldConfig(relation_form="choice")
 
 
 @pytest.mark.parametrize("cfg,split", [(CFG, "train"), (CFG, "compositional"), (BIG, "val"),
-                                       (YES_NO_RELATIONS, "train")])
+                                       (CHOICE_RELATIONS, "train")])
 def test_every_answer_is_right_unambiguous_and_one_word(cfg, split):
     world = ShapesWorld(cfg, seed=2)
     for s in world.scenes(split, 150):
@@ -500,19 +500,20 @@ def test_training_turns_do_not_reveal_each_other():
             assert max(Counter(answers).values()) / len(answers) <= 0.4, (t, Counter(answers))
 
 
-def test_relation_forms_choice_by_default_yes_no_on_request():
-    """Relations are asked as GQA asks them (answer: the side) unless relation_form is 'yes-no' (answer: yes /
-    no, balanced): the same facts either way."""
+def test_relation_forms_yes_no_by_default_choice_on_request():
+    """Relations are asked with a yes / no answer (balanced) unless relation_form is 'choice', where the
+    answer is the side, as GQA asks them: the same facts either way."""
     sides = {"left", "right", "above", "below", "top", "bottom"}
-    for cfg, answers in ((CFG, sides), (YES_NO_RELATIONS, {"yes", "no"})):
-        world = ShapesWorld(WorldConfig(question_types=("relation",), relation_form=cfg.relation_form), seed=3)
+    for form, answers in (("yes-no", {"yes", "no"}), ("choice", sides)):
+        world = ShapesWorld(WorldConfig(question_types=("relation",), relation_form=form), seed=3)
         got = Counter(q.answer for s in world.scenes("train", 400) for q in world.questions(s, 4))
         assert set(got) == answers, got
-        if cfg.relation_form == "yes-no":
+        if form == "yes-no":
             assert 0.45 <= got["yes"] / sum(got.values()) <= 0.55
         else:  # left as often as right, above as often as below, top as often as bottom
             for a, b in (("left", "right"), ("above", "below"), ("top", "bottom")):
                 assert 0.7 <= got[a] / got[b] <= 1.4, got
+    assert WorldConfig().relation_form == "yes-no"
     with pytest.raises(SmolVLMError, match="relation_form"):
         WorldConfig(relation_form="maybe")
 

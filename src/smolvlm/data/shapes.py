@@ -119,11 +119,11 @@ class WorldConfig:
     # relation questions along these axes: "horizontal" (left of / right of, left / right half), "vertical"
     # (above / below, top / bottom half)
     relation_axes: tuple[str, ...] = ("horizontal", "vertical")
-    # "choice": relations asked as GQA asks them, "Is the cup to the left or to the right of the plate?" ->
-    # left / right (above / below, top / bottom). "yes-no": "Is the cup to the left of the plate?" -> yes / no,
-    # whose answer is the XOR of the object's side and the word asked: no first-order signal on balanced data,
-    # and a small model trained for minutes stays at chance on it (measured: docs/training.md)
-    relation_form: str = "choice"
+    # "yes-no": "Is the cup to the left of the plate?" -> yes / no, whose answer is the XOR of the object's side
+    # and the word asked (no first-order signal on balanced data: a small model trained for minutes stays at
+    # chance on it). "choice": as GQA asks, "Is the cup to the left or to the right of the plate?" -> left /
+    # right (above / below, top / bottom): learned in 300 steps on one-object scenes (docs/training.md)
+    relation_form: str = "yes-no"
     place_tries: int = 100  # rejection-sampling cap per object before the scene is drawn again
 
     def __post_init__(self):

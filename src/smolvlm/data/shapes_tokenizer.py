@@ -9,7 +9,6 @@ from the world's text whenever a model names `shapes` as its vocabulary source, 
 (tokenizer.json) like any other.
 """
 
-import dataclasses
 import random
 from collections.abc import Iterator
 
@@ -40,7 +39,6 @@ def world_text(n_scenes: int = 2000, seed: int = 0) -> Iterator[str]:
     """Every kind of text the shapes world produces (captions, questions, answers, pair statements,
     prompts) over all its colors and shapes, plus the chat template's words."""
     cfg = WorldConfig(colors=tuple(PALETTE), shapes=SHAPES, held_out=())
-    yes_no = dataclasses.replace(cfg, relation_form="yes-no")  # both phrasings of relations
     rng = random.Random(seed)
     yield from CHAT_WORDS
     yield from CAPTION_PROMPTS
@@ -48,7 +46,7 @@ def world_text(n_scenes: int = 2000, seed: int = 0) -> Iterator[str]:
     for i in range(n_scenes):
         scene = make_scene(cfg, "train", i, seed)
         yield from captions(scene)
-        for q in questions(scene, rng, 8, yes_no if i % 2 else cfg, scheduled=False):
+        for q in questions(scene, rng, 8, cfg, scheduled=False):
             yield f"User:{q.question}\nAssistant: {q.answer}\n"
         if i % 10 == 0:
             left, right, statement, _ = make_pair(cfg, "train", i, seed)
