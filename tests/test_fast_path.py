@@ -84,7 +84,7 @@ def test_dtype_change_after_fusion_falls_back_correctly():
 def test_fused_decode_over_a_long_cache_matches_plain():
     model = prepare_for_inference(tiny())
     plain = tiny()
-    n = 392
+    n = 392  # a cache far longer than the other tests' prompts
     ids = torch.randint(0, 49000, (1, n))
     with torch.inference_mode():
         caches = [KVCache(m.cfg.text, 1, n + 1, m.dtype) for m in (model, plain)]

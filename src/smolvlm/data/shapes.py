@@ -37,6 +37,7 @@ allowed combos, so training scenes favor no color or shape either.
 """
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -467,53 +468,23 @@ def _candidates(scene: Scene, qtype: str, cfg: WorldConfig) -> dict[str, list[Qu
         present = {o.combo for o in objs}
         askable = cfg.combos if scene.split == "compositional" else cfg.allowed_combos
         for c, s in askable:
-            add("exist", f"Is there {_article(c)} {c} {s}?", "yes" if (c, s) in present else "no",
-                (c, s) in cfg.held_out)
+            add("exist", f"Is there {_article(c)} {c} {s}?", _yn((c, s) in present), (c, s) in cfg.held_out)
     elif qtype == "relation":
-        # Every fact is asked in a true and a false form, so no question text leans to yes or no.
         # Positions count only when at least `margin` apart (object to object, or from the middle).
         pos = [[p for p, uses in ds if "position" not in uses] for ds in descs]
-        horizontal, vertical = "horizontal" in cfg.relation_axes, "vertical" in cfg.relation_axes
-        choice = cfg.relation_form == "choice"
-        for i, a in enumerate(objs):
-            for j, b in enumerate(objs):
-                h = held[i] or held[j]
-                for da in pos[i]:
-                    for db in pos[j]:
-                        if choice:
-                            if horizontal and b.x - a.x >= margin:
-                                add("x", f"Is the {da} to the left or to the right of the {db}?", "left", h)
-                                add("x", f"Is the {db} to the left or to the right of the {da}?", "right", h)
-                            if vertical and b.y - a.y >= margin:
-                                add("y", f"Is the {da} above or below the {db}?", "above", h)
-                                add("y", f"Is the {db} above or below the {da}?", "below", h)
-                            continue
-                        if horizontal and b.x - a.x >= margin:  # a is clearly left of b
-                            add("x", f"Is the {da} to the left of the {db}?", "yes", h)
-                            add("x", f"Is the {db} to the left of the {da}?", "no", h)
-                            add("x", f"Is the {da} to the right of the {db}?", "no", h)
-                            add("x", f"Is the {db} to the right of the {da}?", "yes", h)
-                        if vertical and b.y - a.y >= margin:  # a is clearly above b
-                            add("y", f"Is the {da} above the {db}?", "yes", h)
-                            add("y", f"Is the {db} above the {da}?", "no", h)
-                            add("y", f"Is the {da} below the {db}?", "no", h)
-                            add("y", f"Is the {db} below the {da}?", "yes", h)
-            for d in pos[i]:  # relative to the image itself: works with a single object too
-                cx, cy = a.x + 0.5, a.y + 0.5
-                if choice:
-                    if horizontal and abs(cx - half) >= margin:
-                        add("half", f"Is the {d} in the left or the right half of the image?",
-                            "left" if cx < half else "right", held[i])
-                    if vertical and abs(cy - half) >= margin:
-                        add("half", f"Is the {d} in the top or the bottom half of the image?",
-                            "top" if cy < half else "bottom", held[i])
-                    continue
-                if horizontal and abs(cx - half) >= margin:
-                    add("half", f"Is the {d} in the left half of the image?", "yes" if cx < half else "no", held[i])
-                    add("half", f"Is the {d} in the right half of the image?", "no" if cx < half else "yes", held[i])
-                if vertical and abs(cy - half) >= margin:
-                    add("half", f"Is the {d} in the top half of the image?", "yes" if cy < half else "no", held[i])
-                    add("half", f"Is the {d} in the bottom half of the image?", "no" if cy < half else "yes", held[i])
+        axes = [axis for axis in RELATION_WORDS if axis in cfg.relation_axes]
+        for (i, a), (j, b) in itertools.product(enumerate(objs), repeat=2):
+            for da, db, axis in itertools.product(pos[i], pos[j], axes):
+                family, coord = RELATION_WORDS[axis][0], RELATION_WORDS[axis][1]
+                if getattr(b, coord) - getattr(a, coord) >= margin:  # a is clearly left of / above b
+                    for text, answer in _pair_questions(axis, da, db, cfg.relation_form):
+                        add(family, text, answer, held[i] or held[j])
+        for i, a in enumerate(objs):  # relative to the image itself: works with a single object too
+            for d, axis in itertools.product(pos[i], axes):
+                c = getattr(a, RELATION_WORDS[axis][1]) + 0.5
+                if abs(c - half) >= margin:
+                    for text, answer in _half_questions(axis, d, c < half, cfg.relation_form):
+                        add("half", text, answer, held[i])
     elif qtype == "compare":
         groups = [("shape", [(PLURALS[s], {"shape": s}) for s in cfg.shapes]),
                   ("color", [(f"{c} objects", {"color": c}) for c in cfg.colors]),
@@ -525,16 +496,44 @@ def _candidates(scene: Scene, qtype: str, cfg: WorldConfig) -> dict[str, list[Qu
                     if wa == wb or na == nb:  # equal counts are never asked: "more" must be visible
                         continue
                     h = any(h for o, h in zip(objs, held, strict=True) if _count([o], **ka) or _count([o], **kb))
-                    add(family, f"Are there more {wa} than {wb}?", "yes" if na > nb else "no", h)
+                    add(family, f"Are there more {wa} than {wb}?", _yn(na > nb), h)
     if scene.split == "compositional" and any(q.held_out for v in fams.values() for q in v):
         # Test the unseen combos whenever the type allows it.
         fams = {f: [q for q in v if q.held_out] for f, v in fams.items()}
     return {f: v for f, v in fams.items() if v}
 
 
-def is_yes_no(qtype: str, cfg: WorldConfig) -> bool:
-    """Whether the type's answers are yes / no in this world (relations only in relation_form 'yes-no')."""
-    return qtype in YES_NO_TYPES and not (qtype == "relation" and cfg.relation_form == "choice")
+# per relation axis: question family, coordinate, "a is clearly before b" and "after", the sides' names as
+# answers, the image's halves
+RELATION_WORDS = {
+    "horizontal": ("x", "x", "to the left of", "to the right of", ("left", "right"), ("left", "right")),
+    "vertical": ("y", "y", "above", "below", ("above", "below"), ("top", "bottom")),
+}
+
+
+def _yn(b: bool) -> str:
+    return "yes" if b else "no"
+
+
+def _pair_questions(axis: str, da: str, db: str, form: str) -> list[tuple[str, str]]:
+    """(question, answer) about the object `da` names lying clearly before (left of / above) the one `db`
+    names. yes-no: the fact in a true and a false form each way, so no question text leans to yes or no;
+    choice: the side, asked both ways round, so no text leans to a side."""
+    _, _, before, after, (first, second), _ = RELATION_WORDS[axis]
+    if form == "choice":
+        both = f"{before.removesuffix(' of')} or {after}"  # "to the left or to the right of", "above or below"
+        return [(f"Is the {da} {both} the {db}?", first), (f"Is the {db} {both} the {da}?", second)]
+    return [(f"Is the {da} {before} the {db}?", "yes"), (f"Is the {db} {before} the {da}?", "no"),
+            (f"Is the {da} {after} the {db}?", "no"), (f"Is the {db} {after} the {da}?", "yes")]
+
+
+def _half_questions(axis: str, d: str, in_first_half: bool, form: str) -> list[tuple[str, str]]:
+    """(question, answer) about which half of the image (left / top first) the object `d` names is in."""
+    first, second = RELATION_WORDS[axis][5]
+    if form == "choice":
+        return [(f"Is the {d} in the {first} or the {second} half of the image?", first if in_first_half else second)]
+    return [(f"Is the {d} in the {first} half of the image?", _yn(in_first_half)),
+            (f"Is the {d} in the {second} half of the image?", _yn(not in_first_half))]
 
 
 def _pick_balanced(fams: dict[str, list[Question]], rng: random.Random, want: str | None = None) -> Question:
@@ -584,7 +583,8 @@ def questions(scene: Scene, rng: random.Random, n: int = 4, cfg: WorldConfig | N
                 break
         else:
             break  # the scene supports no further question
-        want = ("yes", "no")[((slot + k) // T + types.index(t)) % 2] if is_yes_no(t, cfg) else None
+        # (relations asked as a choice have no yes / no: _pick_balanced then balances their sides instead)
+        want = ("yes", "no")[((slot + k) // T + types.index(t)) % 2] if t in YES_NO_TYPES else None
         q = _pick_balanced(fams, rng, want)
         asked.add(q.question)
         out.append(q)
