@@ -19,6 +19,7 @@ import torch
 
 from smolvlm.checkpoint import load
 from smolvlm.data.shapes import Scene, SceneObject, WorldConfig, render
+from smolvlm.errors import SmolVLMError
 from smolvlm.generation import SamplingParams, generate
 
 
@@ -63,7 +64,14 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=100, help="one-object scenes for the token probe")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    model, processor = load(args.model)
+    if args.scenes < 4:
+        p.error(f"--scenes must be at least 4 (the probe fits on 3/4 of them, tests on the rest), got {args.scenes}")
+    try:
+        model, processor = load(args.model)
+    except SmolVLMError as e:
+        p.error(str(e))
+    if not model.has_vision:
+        p.error(f"{args.model} has no vision encoder; give a shapes VLM checkpoint (e.g. demo-out/model)")
     cfg = WorldConfig()
     out = {"token_probe": token_probe(model, processor, cfg, args.scenes), "answers": []}
     s = cfg.image_size
