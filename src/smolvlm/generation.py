@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from smolvlm import decode_step
 from smolvlm.errors import SmolVLMError
 from smolvlm.models.decoder import KVCache
 from smolvlm.models.vlm import VLM
@@ -153,6 +154,8 @@ def generate_ids(
         image_embeds = encode_images_cached(model, pixel_values, pixel_attention_mask)
 
     cache = KVCache(model.cfg.text, b, t + max_new, model.dtype) if params.use_cache else None
+    if cache is not None and not model.cross_attention:
+        cache.decode_step = decode_step.for_decoder(model.text_model)  # None: eager steps (e.g. float32)
     ids, mask = input_ids, attention_mask
     step_ids = input_ids
     done = torch.zeros(b, dtype=torch.bool)

@@ -1,0 +1,132 @@
+"""The decoder's decoding step (one new token per sequence, bf16) as one C++ call: csrc/decode_step.cpp.
+
+Eager PyTorch spends ~7 ms per token on the small ops between the decoder's matmuls (docs/speed.md); the C++
+step keeps ATen's matmul kernels (bf16, int8, int4) and does the rest in plain loops. It is compiled on first
+use with the machine's C++ compiler (torch.utils.cpp_extension, ~1 min, cached in ~/.cache/torch_extensions);
+without a compiler (or with SMOLVLM_DECODE_STEP=0), decoding stays on the eager path (same results within bf16
+rounding).
+
+    step = build(model.text_model)   # after quantize.prepare_for_inference; None when unsupported
+    cache.decode_step = step         # Decoder.forward then runs one-token steps through it
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_MODULE = None  # the compiled extension; False once building it failed
+
+
+def extension():
+    """The compiled module, or None when it cannot be built here (no C++ compiler)."""
+    global _MODULE
+    if _MODULE is None:
+        from torch.utils import cpp_extension
+
+        source = Path(__file__).parent / "csrc" / "decode_step.cpp"
+        build_dir = Path(cpp_extension._get_build_directory("smolvlm_decode_step", verbose=False))
+        if not any(build_dir.glob("*.so")):
+            print("smolvlm: compiling the C++ decode step (once, about a minute)...", file=sys.stderr)
+        try:
+            _MODULE = cpp_extension.load(name="smolvlm_decode_step", sources=[str(source)],
+                                         extra_cflags=["-O3", "-march=native"], verbose=False)
+        except (OSError, RuntimeError, ImportError, SystemExit) as e:  # no compiler / ninja: stay eager
+            print(f"smolvlm: the C++ decode step could not be built ({str(e).splitlines()[0][:200]}); "
+                  "decoding runs eagerly (slower)", file=sys.stderr)
+            _MODULE = False
+    return _MODULE or None
+
+
+def _projection(m) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
+    """(kind, weight, scale, group size) of a projection the C++ step can run, else None."""
+    from smolvlm.quantize import Fused, Int4Linear, Int8Linear
+
+    empty = torch.empty(0)
+    if isinstance(m, Fused):
+        if m.kind == "float":
+            return (0, m.weight, empty, 0) if m.bias is None else None
+        if m.kind == "int8":
+            return 1, m.weight, m.scale, 0
+        return 2, m.packed, m.sz, m.group_size
+    if type(m) is nn.Linear:
+        return (0, m.weight, empty, 0) if m.bias is None else None
+    if isinstance(m, Int8Linear):
+        return 1, m.weight, m.weight_scale, 0
+    if isinstance(m, Int4Linear):
+        return 2, m.packed, m.scales_and_zeros, m.group_size
+    return None
+
+
+def _collect(decoder) -> tuple[list[list[torch.Tensor]], list[int], int] | None:
+    """Per layer the tensors the C++ step reads (two norms, then weight and scale of qkv, o, gate_up, down),
+    the projections' kinds and the int4 group size; None for a decoder it does not run (float32, LoRA, layer
+    repeats, cross-attention, unfused projections)."""
+    cfg = decoder.cfg
+    if cfg.layer_repeats != 1 or getattr(decoder, "cross_attention_every", 0):
+        return None
+    if decoder.norm.weight.dtype != torch.bfloat16 or cfg.head_dim > 512:
+        return None
+    tensors, kinds, groups = [], [], set()
+    for block in decoder.layers:
+        attn, mlp = block.self_attn, block.mlp
+        fused_qkv, fused_gu = attn.__dict__.get("_fused"), mlp.__dict__.get("_fused")
+        if fused_qkv is None or fused_gu is None or not (fused_qkv.intact(attn) and fused_gu.intact(mlp)):
+            return None
+        projs = [_projection(p) for p in (fused_qkv, attn.o_proj, fused_gu, mlp.down_proj)]
+        if any(p is None for p in projs):
+            return None
+        layer = [block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()]
+        for kind, weight, scale, group in projs:
+            layer += [weight.detach(), scale.detach()]
+            kinds.append(kind)
+            if kind == 2:
+                groups.add(group)
+        tensors.append(layer)
+    if len(groups) > 1:
+        return None
+    return tensors, kinds, groups.pop() if groups else 0
+
+
+def _pointers(tensors: list[list[torch.Tensor]]) -> list[tuple[int, torch.dtype]]:
+    return [(t.data_ptr(), t.dtype) for layer in tensors for t in layer]
+
+
+class DecodeStep:
+    """The compiled step plus where the weights it reads sat when it was built (a moved weight: stale)."""
+
+    def __init__(self, ext, decoder, tensors: list[list[torch.Tensor]], kinds: list[int], group_size: int):
+        cfg = decoder.cfg
+        self.step = ext.DecodeStep(tensors, kinds, group_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   cfg.rms_norm_eps)
+        self.pointers = _pointers(tensors)
+
+    def run(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, cos: torch.Tensor,
+            sin: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, D) new tokens' embeddings -> the last layer's output (B, D), before the final norm; writes
+        position `pos` of every layer's k, v cache (L, B, Hkv, S, hd). cos, sin (B, hd); key_mask (B, pos + 1)
+        bool or None when no key is padding."""
+        return self.step.run(x, k, v, pos, cos, sin, key_mask)
+
+
+def for_decoder(decoder) -> DecodeStep | None:
+    """The decoder's C++ step (built once per set of weights), or None when it cannot run this decoder or
+    SMOLVLM_DECODE_STEP=0 (to compare against the eager path)."""
+    if os.environ.get("SMOLVLM_DECODE_STEP", "1") == "0":
+        return None
+    collected = _collect(decoder)
+    if collected is None:
+        return None
+    current = decoder.__dict__.get("_decode_step")
+    if current is not None and current.pointers == _pointers(collected[0]):
+        return current
+    ext = extension()
+    if ext is None:
+        return None
+    step = DecodeStep(ext, decoder, *collected)
+    decoder.__dict__["_decode_step"] = step  # plain attribute: invisible to state_dict / .to()
+    return step
