@@ -72,6 +72,22 @@ def opened(model: VLM, value: float = 0.5) -> VLM:
     return model
 
 
+def test_image_positions_tell_identical_tokens_apart_and_fit_the_tile():
+    model = VLM(tiny(image_positions=True)).eval()
+    table = model.connector.position_embedding  # (tokens per tile, Dt), sin-cos at the start
+    assert table.shape == (model.cfg.tokens_per_tile, model.cfg.text.hidden_size)
+    assert table.pow(2).mean().sqrt().item() == pytest.approx(0.5, rel=1e-3)
+    hidden = torch.ones(1, 16, model.cfg.vision.hidden_size)  # every patch the same
+    with torch.no_grad():
+        tokens = model.connector(hidden, (4, 4))[0]
+    assert len({tuple(t.tolist()) for t in tokens}) == tokens.shape[0]  # ...but every token differs
+    assert not model.cfg.smolvlm_layout and "connector.position_embedding" in model.state_dict()
+    with pytest.raises(SmolVLMError, match="image positions cover 4 tokens per tile, the image gives 16"):
+        model.connector(torch.ones(1, 64, model.cfg.vision.hidden_size), (8, 8))
+    with pytest.raises(SmolVLMError, match="image_positions needs the pixel-shuffle connector, not 'mlp'"):
+        VLM(tiny(image_positions=True, connector="mlp"))
+
+
 def test_cross_attention_gates_start_closed():
     """At init the cross-attention model gives exactly the logits of its decoder without the cross layers."""
     torch.manual_seed(0)
@@ -207,6 +223,7 @@ VARIANT_FLAGS = {
     "cross-attention": ["--connector", "cross-attention", "--cross-attention-every", "1"],
     "share-layers": ["--share-layers", "2"],
     "contrastive": ["--contrastive-weight", "0.1"],
+    "image-positions": ["model.image_positions=true"],
 }
 
 
@@ -224,7 +241,8 @@ def test_each_variant_trains_saves_reloads_and_answers_from_the_cli(variant, tmp
     assert hf["model_type"] == ("smolvlm" if variant == "baseline" else "smolvlm_variant")
     model, processor = load(out / "model")
     expect = {"mlp": ("connector", "mlp"), "ldp": ("connector", "ldp"),
-              "cross-attention": ("connector", "cross-attention"), "contrastive": ("contrastive", True)}
+              "cross-attention": ("connector", "cross-attention"), "contrastive": ("contrastive", True),
+              "image-positions": ("image_positions", True)}
     if variant in expect:
         key, value = expect[variant]
         assert hf[key] == value and getattr(model.cfg, key) == value

@@ -497,6 +497,23 @@ def test_training_turns_do_not_reveal_each_other():
         assert 0.4 <= answers.count("yes") / len(answers) <= 0.6, t
 
 
+def test_type_weights_shift_the_training_mix_only():
+    """type_weights (DataSpec.question_weights) draws a type more often in training turns, keeps the yes/no
+    balance, and leaves the evaluation schedule as it is."""
+    def mix(scheduled: bool, weights) -> Counter:
+        return Counter(q.qtype for i, s in enumerate(WORLD.scenes("train", 300))
+                       for q in shapes.questions(s, random.Random(i), 6, CFG, scheduled=scheduled,
+                                                 type_weights=weights))
+
+    plain, heavy = mix(False, None), mix(False, {"count": 3.0})
+    assert heavy["count"] / sum(heavy.values()) > 2 * plain["count"] / sum(plain.values())
+    assert mix(True, {"count": 3.0}) == mix(True, None)
+    qs = [q for i, s in enumerate(WORLD.scenes("train", 300))
+          for q in shapes.questions(s, random.Random(i), 6, CFG, scheduled=False, type_weights={"exist": 3.0})]
+    answers = [q.answer for q in qs if q.qtype == "exist"]
+    assert 0.4 <= answers.count("yes") / len(answers) <= 0.6
+
+
 def test_relation_forms_yes_no_by_default_choice_on_request():
     """Relations are asked with a yes / no answer (balanced) unless relation_form is 'choice', where the
     answer is the side, as GQA asks them: the same facts either way."""

@@ -80,6 +80,12 @@ def test_config_errors(tmp_path):
         resolve_config("test-tiny", str(bad), [])
     with pytest.raises(SmolVLMError, match="data.world"):
         train(resolve_config("test-tiny", None, ["data.world={colour: red}"]), tmp_path / "w", progress=False)
+    with pytest.raises(SmolVLMError, match=r"data.question_weights names \['colour'\], which the world does not ask"):
+        train(resolve_config("test-tiny", None, ["data.question_weights={colour: 2}"]), tmp_path / "q1",
+              progress=False)
+    with pytest.raises(SmolVLMError, match="data.question_weights must map question types to numbers > 0"):
+        train(resolve_config("test-tiny", None, ["data.question_weights={color: 0}"]), tmp_path / "q2",
+              progress=False)
     # the CLI turns these into one line and exit code 2
     p = run_cli("train", "--preset", "test-tiny", "--out", str(tmp_path / "x"), "optim.lr=1", check=False)
     assert p.returncode == 2 and "unknown config key 'optim.lr'" in p.stderr and "Traceback" not in p.stderr

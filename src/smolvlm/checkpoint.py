@@ -110,6 +110,7 @@ def config_from_hf(c: dict) -> VLMConfig:
             connector=c.get("connector", "pixel-shuffle"),
             cross_attention_every=c.get("cross_attention_every", 2),
             contrastive=bool(c.get("contrastive", False)),
+            image_positions=bool(c.get("image_positions", False)),
         )
     if model_type in TEXT_MODEL_TYPES:
         return VLMConfig(text=text_config_from_hf(c), vision=None)
@@ -169,7 +170,7 @@ def config_to_hf(cfg: VLMConfig, special: dict, dtype: torch.dtype) -> dict:
     smolvlm_layout = cfg.smolvlm_layout
     options = {}
     if not smolvlm_layout:
-        options = {"connector": cfg.connector, "contrastive": cfg.contrastive}
+        options = {"connector": cfg.connector, "contrastive": cfg.contrastive, "image_positions": cfg.image_positions}
         if cfg.connector == "cross-attention":
             options["cross_attention_every"] = cfg.cross_attention_every
     return {
@@ -490,6 +491,7 @@ def assemble(
     connector: str = "pixel-shuffle",
     cross_attention_every: int = 2,
     contrastive: bool = False,
+    image_positions: bool = False,
 ) -> tuple[VLM, Processor]:
     """A SmolVLM from parts: a SigLIP checkpoint (or a VisionConfig / CNNConfig for a fresh encoder), a Llama/SmolLM2
     decoder (folder or GGUF). SmolVLM's image tokens are appended to the vocabulary (embedding rows
@@ -509,7 +511,8 @@ def assemble(
     text_cfg = replace(text_model.cfg.text, vocab_size=tokenizer.get_vocab_size())
     cfg = VLMConfig(text=text_cfg, vision=vision_cfg, scale_factor=scale_factor,
                     image_token_id=tokenizer.token_to_id(IMAGE), connector=connector,
-                    cross_attention_every=cross_attention_every, contrastive=contrastive)
+                    cross_attention_every=cross_attention_every, contrastive=contrastive,
+                    image_positions=image_positions)
     torch.manual_seed(seed)
     model = VLM(cfg).to(dtype)
     with torch.no_grad():

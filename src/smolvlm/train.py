@@ -70,6 +70,8 @@ class ModelSpec:
     # "pixel-shuffle" (SmolVLM's), "mlp", "ldp" or "cross-attention" (models/connector.py); scratch and assemble
     connector: str = "pixel-shuffle"
     cross_attention_every: int = 2  # connector cross-attention: a gated cross-attention block every k decoder blocks
+    # a learned table of each image token's place on the tile, added after the connector (pixel-shuffle)
+    image_positions: bool = False
     image_splitting: bool = False  # SmolVLM's tiles + global image (off: one resized image)
     blind: bool = False  # a text-only model that never sees the images (the baseline of the demo)
 
@@ -88,6 +90,9 @@ class DataSpec:
     # leak later answers
     independent_turns: bool = True
     tasks: dict = field(default_factory=lambda: {"vqa": 1.0})  # shapes: task -> mixing weight
+    # shapes vqa: question type -> relative weight of drawing it for a training turn (missing types: 1; empty:
+    # uniform); evaluation sets stay balanced
+    question_weights: dict = field(default_factory=dict)
     # shapes: over the first N steps the most objects per scene grows from the world's min_objects to its
     # max_objects, and the first half asks only color / shape / count questions (their answers cannot be
     # guessed from the text), so the model learns to look before it learns the yes/no priors (0 = off)
@@ -177,8 +182,8 @@ class TrainConfig:
             raise SmolVLMError("model.text.layer_repeats (--share-layers) and model.cross_attention_every must be >= 1")
         spec, default = self.model, ModelSpec()
         if spec.init not in ("scratch", "assemble"):
-            changed = [k for k in ("vision_type", "connector", "cross_attention_every", "scale_factor")
-                       if getattr(spec, k) != getattr(default, k)]
+            options = ("vision_type", "connector", "cross_attention_every", "scale_factor", "image_positions")
+            changed = [k for k in options if getattr(spec, k) != getattr(default, k)]
             changed += ["text.layer_repeats"] * (spec.text.layer_repeats != 1)
             if changed:
                 raise SmolVLMError(f"model.init={spec.init} keeps that checkpoint's architecture; drop model."
@@ -186,7 +191,8 @@ class TrainConfig:
         if spec.init == "assemble" and spec.text.layer_repeats != 1:
             raise SmolVLMError("--share-layers (model.text.layer_repeats) builds a decoder from scratch; "
                                "model.init=assemble keeps the pretrained decoder's layers")
-        if spec.blind and (self.contrastive or spec.text.layer_repeats != 1 or spec.connector != "pixel-shuffle"):
+        if spec.blind and (self.contrastive or spec.text.layer_repeats != 1 or spec.connector != "pixel-shuffle"
+                           or spec.image_positions):
             raise SmolVLMError("a blind (text-only) model takes no vision options (connector, contrastive loss, "
                                "share-layers); drop them or model.blind")
         if self.contrastive_weight < 0 or self.max_minutes < 0:
@@ -505,7 +511,8 @@ def build_model(spec: ModelSpec, seed: int, contrastive: bool = False):
             cfg = VLMConfig(text=dataclasses.replace(spec.text, vocab_size=tokenizer.get_vocab_size()),
                             vision=vision, scale_factor=spec.scale_factor,
                             image_token_id=tokenizer.token_to_id(IMAGE), connector=spec.connector,
-                            cross_attention_every=spec.cross_attention_every, contrastive=contrastive)
+                            cross_attention_every=spec.cross_attention_every, contrastive=contrastive,
+                            image_positions=spec.image_positions)
             processor = vision_processor(text_processor, tokenizer, image_config, cfg.image_seq_len)
         torch.manual_seed(seed)
         model = VLM(cfg)
@@ -520,7 +527,8 @@ def build_model(spec: ModelSpec, seed: int, contrastive: bool = False):
         torch.manual_seed(seed)
         model, processor = assemble(vision, spec.decoder, scale_factor=spec.scale_factor, dtype="float32",
                                     seed=seed, connector=spec.connector,
-                                    cross_attention_every=spec.cross_attention_every, contrastive=contrastive)
+                                    cross_attention_every=spec.cross_attention_every, contrastive=contrastive,
+                                    image_positions=spec.image_positions)
         processor.image_config = image_config
         # a fresh vision side gets the small init too; the pretrained decoder keeps its weights
         init_vision(model.vision_model)
@@ -622,6 +630,15 @@ class ShapesTrainingData:
         unknown = set(spec.tasks) - {"vqa", "caption", "pairs"}
         if unknown:
             raise SmolVLMError(f"data.tasks names unknown shapes tasks {sorted(unknown)}; use vqa, caption, pairs")
+        odd = sorted(set(spec.question_weights) - set(world_cfg.question_types))
+        if odd:
+            raise SmolVLMError(f"data.question_weights names {odd}, which the world does not ask; its question types "
+                               f"are {', '.join(world_cfg.question_types)}")
+        bad = {t: w for t, w in spec.question_weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))
+               or w <= 0}
+        if bad:
+            raise SmolVLMError(f"data.question_weights must map question types to numbers > 0 (to drop a type, leave "
+                               f"it out of data.world.question_types), got {bad}")
         self.tasks = [t for t, w in spec.tasks.items() if w > 0]
         self.weights = [spec.tasks[t] for t in self.tasks]
         if not self.tasks or spec.train_scenes < 1:
@@ -660,7 +677,8 @@ class ShapesTrainingData:
             scene = make_scene(world_cfg, "train", rng.randrange(self.spec.train_scenes), self.spec.seed)
             if task == "caption":
                 break
-            qs = questions(scene, rng, self.spec.questions_per_image, world_cfg, scheduled=False)
+            qs = questions(scene, rng, self.spec.questions_per_image, world_cfg, scheduled=False,
+                           type_weights=self.spec.question_weights)
             if qs:
                 break
         else:

@@ -58,6 +58,19 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFlo
   return static_cast<uint16_t>(u >> 16);
 }
 
+// sum_i a[i] * b[i] with b in bf16. Sixteen running sums (one AVX-512 register) so the compiler vectorizes
+// the loop: a single float sum is a dependency chain it may not reorder.
+inline float dot_bf16(const float* a, const uint16_t* b, int64_t n) {
+  float part[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) part[j] += a[i + j] * bf16_to_float(b[i + j]);
+  float d = 0.f;
+  for (; i < n; ++i) d += a[i] * bf16_to_float(b[i]);
+  for (int j = 0; j < 16; ++j) d += part[j];
+  return d;
+}
+
 inline const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 inline uint16_t* mbits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
 
@@ -171,10 +184,7 @@ class DecodeStep {
               p[t] = -INFINITY;
               continue;
             }
-            const uint16_t* kt = kb + t * hd;
-            float d = 0.f;
-            for (int64_t i = 0; i < hd; ++i) d += qv[i] * bf16_to_float(kt[i]);
-            p[t] = d * scale;
+            p[t] = dot_bf16(qv, kb + t * hd, hd) * scale;
             mx = std::max(mx, p[t]);
           }
           float sum = 0.f;

@@ -551,7 +551,7 @@ def _pick_balanced(fams: dict[str, list[Question]], rng: random.Random, want: st
 
 
 def questions(scene: Scene, rng: random.Random, n: int = 4, cfg: WorldConfig | None = None,
-              scheduled: bool = True) -> list[Question]:
+              scheduled: bool = True, type_weights: dict[str, float] | None = None) -> list[Question]:
     """Up to `n` distinct questions about the scene (fewer only if it supports fewer).
 
     scheduled (evaluation sets): types and yes/no answers follow a schedule keyed on the scene index
@@ -563,7 +563,8 @@ def questions(scene: Scene, rng: random.Random, n: int = 4, cfg: WorldConfig | N
     scheduled=False (training conversations, where one image's questions are turns of one sequence):
     each turn draws its type and its yes/no answer from `rng`. Under the schedule, a turn's type and
     answer follow from the earlier turns' (the type cycle repeats, yes/no alternates), a text-only
-    shortcut a model learns instead of looking at the image."""
+    shortcut a model learns instead of looking at the image. type_weights (question type -> relative weight,
+    unscheduled only) draws the types unevenly, e.g. more of a type that is learned slowly."""
     cfg = cfg or scene.cfg
     types = cfg.question_types
     T = len(types)
@@ -571,7 +572,9 @@ def questions(scene: Scene, rng: random.Random, n: int = 4, cfg: WorldConfig | N
     pools: dict[str, dict[str, list[Question]]] = {}
     out, asked = [], set()
     for slot in range(scene.index * n + offset, scene.index * n + offset + n):
-        if not scheduled:
+        if not scheduled and type_weights:
+            slot = rng.choices(range(T), [type_weights.get(t, 1.0) for t in types])[0] + T * rng.randrange(2)
+        elif not scheduled:
             slot = rng.randrange(T * 2)  # type and yes/no phase at random
         for k in range(T):
             t = types[(slot + k) % T]

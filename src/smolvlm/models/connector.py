@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.models.cnn import sincos_grid
 
 CONNECTORS = ("pixel-shuffle", "mlp", "ldp", "cross-attention")
+POSITION_SCALE = 0.5  # image_positions' starting RMS (a trained shapes model's tokens vary by ~0.66 per channel)
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -34,16 +36,27 @@ def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 class PixelShuffleConnector(nn.Module):
-    def __init__(self, vision_hidden: int, text_hidden: int, scale_factor: int):
+    def __init__(self, vision_hidden: int, text_hidden: int, scale_factor: int, position_side: int = 0):
         super().__init__()
         self.scale_factor = scale_factor
         # a ModuleDict only so that the weight is named `modality_projection.proj.weight` as in SmolVLM
         self.modality_projection = nn.ModuleDict(
             {"proj": nn.Linear(vision_hidden * scale_factor**2, text_hidden, bias=False)}
         )
+        if position_side:
+            # smolvlm's option (VLMConfig.image_positions): where each token sits on the tile, added after the
+            # projection so that no training of the vision side can wash it out; starts at 2D sin-cos codes
+            # as loud as the tokens' own variation (docs/training.md)
+            self.position_embedding = nn.Parameter(sincos_grid(position_side, text_hidden) * POSITION_SCALE)
 
     def forward(self, image_hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        return self.modality_projection["proj"](pixel_shuffle(image_hidden, self.scale_factor))
+        x = self.modality_projection["proj"](pixel_shuffle(image_hidden, self.scale_factor))  # (N, L, Dt)
+        if hasattr(self, "position_embedding"):
+            if x.shape[1] != self.position_embedding.shape[0]:
+                raise SmolVLMError(f"this model's image positions cover {self.position_embedding.shape[0]} tokens "
+                                   f"per tile, the image gives {x.shape[1]}; use the tile size it was trained on")
+            x = x + self.position_embedding.to(x.dtype)
+        return x
 
 
 class MLPConnector(nn.Module):
@@ -93,9 +106,13 @@ class LDPConnector(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (N, ceil(h/2) * ceil(w/2), Dt)
 
 
-def make_connector(kind: str, vision_hidden: int, text_hidden: int, scale_factor: int) -> nn.Module:
+def make_connector(kind: str, vision_hidden: int, text_hidden: int, scale_factor: int,
+                   position_side: int = 0) -> nn.Module:
+    """position_side: tokens per tile side of a learned position table (pixel-shuffle only; 0 = none)."""
+    if position_side and kind != "pixel-shuffle":
+        raise SmolVLMError(f"image_positions needs the pixel-shuffle connector, not {kind!r}")
     if kind in ("pixel-shuffle", "cross-attention"):
-        return PixelShuffleConnector(vision_hidden, text_hidden, scale_factor)
+        return PixelShuffleConnector(vision_hidden, text_hidden, scale_factor, position_side)
     if kind == "mlp":
         return MLPConnector(vision_hidden, text_hidden)
     if kind == "ldp":

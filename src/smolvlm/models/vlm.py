@@ -10,8 +10,9 @@ prefix, so checkpoints map 1:1 (see checkpoint.py).
 
 Architecture options (defaults: SmolVLM's layout): the CNN encoder, the mlp / ldp connectors, cross-attention
 (the prompt keeps one `<image>` marker per tile, the tile's tokens reach the decoder through gated
-cross-attention layers: models/cross_attention.py), shared decoder layers (DecoderConfig.layer_repeats)
-and a contrastive image-text head (models/contrastive.py).
+cross-attention layers: models/cross_attention.py), shared decoder layers (DecoderConfig.layer_repeats),
+a contrastive image-text head (models/contrastive.py) and a learned position table added to the connector's
+tokens (image_positions).
 """
 
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,8 @@ class VLMConfig:
     connector: str = "pixel-shuffle"  # or "mlp", "ldp", "cross-attention" (models/connector.py)
     cross_attention_every: int = 2  # cross-attention: a gated cross-attention block before every k-th block
     contrastive: bool = False  # a SigLIP-style image-text head (models/contrastive.py)
+    # a learned table of each image token's place on its tile, added to the connector's output (pixel-shuffle)
+    image_positions: bool = False
 
     @property
     def tokens_per_tile(self) -> int:
@@ -53,7 +56,7 @@ class VLMConfig:
     def smolvlm_layout(self) -> bool:
         """True when transformers' SmolVLM loads this model (no architecture option beyond SmolVLM's)."""
         return (isinstance(self.vision, VisionConfig) and self.connector == "pixel-shuffle"
-                and self.text.layer_repeats == 1 and not self.contrastive)
+                and self.text.layer_repeats == 1 and not self.contrastive and not self.image_positions)
 
     def check(self) -> None:
         if self.text.layer_repeats < 1:
@@ -106,8 +109,9 @@ class VLM(nn.Module):
         if cfg.vision is not None:
             cnn = isinstance(cfg.vision, CNNConfig)
             self.vision_model = CNNEncoder(cfg.vision) if cnn else VisionEncoder(cfg.vision)
+            side = cfg.vision.patches_per_side // cfg.scale_factor if cfg.image_positions else 0
             self.connector = make_connector(cfg.connector, cfg.vision.hidden_size, cfg.text.hidden_size,
-                                            cfg.scale_factor)
+                                            cfg.scale_factor, side)
             if cfg.contrastive:
                 self.contrastive = ContrastiveHead(cfg.text.hidden_size)
         self.text_model = Decoder(cfg.text, cfg.cross_attention_every if self.cross_attention else 0)
