@@ -227,7 +227,7 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     # curriculum: that only teaches looking, and a blind model must see the test-time question mix
     n_blind = blind_steps if blind_steps is not None else min(BLIND_STEPS, max(50, cfg.total_steps // 2))
     blind_cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, blind=True),
+        cfg, model=dataclasses.replace(cfg.model, blind=True, image_positions=False),
         data=dataclasses.replace(cfg.data, curriculum_steps=0),
         stages=[Stage(name="blind", steps=n_blind, train=["decoder"],
                       warmup_steps=min(cfg.stages[0].warmup_steps, n_blind // 2))],
