@@ -130,3 +130,7 @@ def for_decoder(decoder) -> DecodeStep | None:
     step = DecodeStep(ext, decoder, *collected)
     decoder.__dict__["_decode_step"] = step  # plain attribute: invisible to state_dict / .to()
     return step
+
+
+if __name__ == "__main__":  # `python -m smolvlm.decode_step`: build it now (make install does), not at first use
+    sys.exit(0 if extension() is not None else print("smolvlm: decoding will run eagerly", file=sys.stderr))
