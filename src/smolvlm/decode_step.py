@@ -6,8 +6,11 @@ use with the machine's C++ compiler (torch.utils.cpp_extension, ~1 min, cached i
 without a compiler (or with SMOLVLM_DECODE_STEP=0), decoding stays on the eager path (same results within bf16
 rounding).
 
-    step = build(model.text_model)   # after quantize.prepare_for_inference; None when unsupported
-    cache.decode_step = step         # Decoder.forward then runs one-token steps through it
+    step = for_decoder(model.text_model)  # after quantize.prepare_for_inference; None when unsupported
+    cache.decode_step = step              # Decoder.forward then runs one-token steps through it
+                                          # (generation.generate_ids does both)
+
+`python -m smolvlm.decode_step` builds it ahead of time (`make install` does).
 """
 
 from __future__ import annotations

@@ -108,9 +108,8 @@ class LDPConnector(nn.Module):
 
 def make_connector(kind: str, vision_hidden: int, text_hidden: int, scale_factor: int,
                    position_side: int = 0) -> nn.Module:
-    """position_side: tokens per tile side of a learned position table (pixel-shuffle only; 0 = none)."""
-    if position_side and kind != "pixel-shuffle":
-        raise SmolVLMError(f"image_positions needs the pixel-shuffle connector, not {kind!r}")
+    """position_side: tokens per tile side of a learned position table (pixel-shuffle only, as VLMConfig.check
+    demands; 0 = none)."""
     if kind in ("pixel-shuffle", "cross-attention"):
         return PixelShuffleConnector(vision_hidden, text_hidden, scale_factor, position_side)
     if kind == "mlp":

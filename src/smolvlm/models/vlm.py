@@ -71,6 +71,8 @@ class VLMConfig:
                                f"scale_factor {self.scale_factor}; change scale_factor or the image/patch size")
         if self.connector == "cross-attention" and self.cross_attention_every < 1:
             raise SmolVLMError(f"cross_attention_every must be >= 1, got {self.cross_attention_every}")
+        if self.image_positions and self.connector != "pixel-shuffle":
+            raise SmolVLMError(f"image_positions needs the pixel-shuffle connector, not {self.connector!r}")
 
 
 VISION_BATCH = 2  # tiles per vision-tower call at inference (bounds the attention scores: 24 MB per tile)
