@@ -28,7 +28,7 @@ def decode_logits(model, prompt, mask, follow, use_step: bool) -> torch.Tensor:
     b, t = prompt.shape
     with torch.inference_mode():
         cache = KVCache(model.cfg.text, b, t + len(follow), model.dtype)
-        cache.decode_step = decode_step.for_decoder(model.text_model) if use_step else None
+        cache.decode_step = decode_step.for_decoder(model.text_model, model.lm_head) if use_step else None
         assert (cache.decode_step is not None) == use_step
         model(prompt, attention_mask=mask, cache=cache, last_only=True)
         out = []
@@ -57,6 +57,43 @@ def test_decode_step_matches_eager_on_a_padded_batch(mode):
     assert cos.min() > 0.9995, cos.min()
     # bf16 rounding apart only: a few bf16 steps of the logits' scale
     assert (eager - fast).abs().max() < 0.05 * eager.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("b, k, n", [(1, 64, 40), (3, 96, 8), (16, 32, 4), (17, 64, 40), (2, 48, 40), (1, 64, 42)])
+def test_projection_matches_aten(kind, b, k, n):
+    """The step's own matmul (a streaming GEMV for a few rows, K a multiple of 32, N of 4) and its ATen fallback
+    for every other shape: both equal ATen's result within one bf16 rounding of the output."""
+    from smolvlm.quantize import Int8Linear
+
+    g = torch.Generator().manual_seed(b * 1000 + k + n)
+    x = torch.randn(b, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g)
+    if kind == "int8":
+        lin = Int8Linear.from_float(w, torch.bfloat16)
+        args = (1, lin.weight, lin.weight_scale, 0)
+        ref = torch.ops.aten._weight_int8pack_mm(x, lin.weight, lin.weight_scale).float()
+        exact = x.float() @ lin.dequantize().t()
+    else:
+        args = (0, w.to(torch.bfloat16), torch.empty(0), 0)
+        ref = torch.nn.functional.linear(x, args[1]).float()
+        exact = x.float() @ args[1].float().t()
+    out = decode_step.extension().project(x, *args).float()
+    assert out.shape == (b, n)
+    tol = exact.abs() * 2**-7 + 1e-3 * exact.abs().max()  # one bf16 rounding of each output, plus fp32 sums
+    assert ((out - exact).abs() <= tol).all()
+    assert ((ref - exact).abs() <= tol).all()
+
+
+def test_the_steps_logits_are_the_lm_heads():
+    for mode in (None, "int8"):
+        model = tiny_bf16(mode)
+        step = decode_step.for_decoder(model.text_model, model.lm_head)
+        h = torch.randn(3, 1, model.cfg.text.hidden_size).to(torch.bfloat16)
+        with torch.inference_mode():
+            ref, out = model.lm_head(h).float(), step.logits(h).float()
+        assert out.shape == ref.shape == (3, 1, model.cfg.text.vocab_size)
+        assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 def test_padding_is_ignored():

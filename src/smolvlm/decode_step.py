@@ -37,7 +37,10 @@ def extension():
             print("smolvlm: compiling the C++ decode step (once, about a minute)...", file=sys.stderr)
         try:
             _MODULE = cpp_extension.load(name="smolvlm_decode_step", sources=[str(source)],
-                                         extra_cflags=["-O3", "-march=native"], verbose=False)
+                                         # -fopenmp: at::parallel_for is compiled into this file; without
+                                         # it the attention's loop over heads runs on one thread
+                                         extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                         extra_ldflags=["-fopenmp"], verbose=False)
         except (OSError, RuntimeError, ImportError, SystemExit) as e:  # no compiler / ninja: stay eager
             print(f"smolvlm: the C++ decode step could not be built ({str(e).splitlines()[0][:200]}); "
                   "decoding runs eagerly (slower)", file=sys.stderr)
@@ -99,14 +102,22 @@ def _pointers(tensors: list[list[torch.Tensor]]) -> list[tuple[int, torch.dtype]
     return [(t.data_ptr(), t.dtype) for layer in tensors for t in layer]
 
 
+def _head_pointers(lm_head: nn.Module | None) -> list[tuple[int, torch.dtype]]:
+    return [] if lm_head is None else [(t.data_ptr(), t.dtype) for t in lm_head.state_dict().values()]
+
+
 class DecodeStep:
     """The compiled step plus where the weights it reads sat when it was built (a moved weight: stale)."""
 
-    def __init__(self, ext, decoder, tensors: list[list[torch.Tensor]], kinds: list[int], group_size: int):
+    def __init__(self, ext, decoder, tensors: list[list[torch.Tensor]], kinds: list[int], group_size: int,
+                 lm_head: nn.Module | None):
         cfg = decoder.cfg
+        self.ext = ext
         self.step = ext.DecodeStep(tensors, kinds, group_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    cfg.rms_norm_eps)
-        self.pointers = _pointers(tensors)
+        self.lm_head = lm_head
+        self.head = _projection(lm_head) if lm_head is not None else None  # None: lm_head runs as a module
+        self.pointers = _pointers(tensors) + _head_pointers(lm_head)
 
     def run(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, cos: torch.Tensor,
             sin: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -115,22 +126,31 @@ class DecodeStep:
         bool or None when no key is padding."""
         return self.step.run(x, k, v, pos, cos, sin, key_mask)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head on the last position's hidden state, (B, 1, D) -> (B, 1, V), through the step's matmul."""
+        if self.head is None:
+            return self.lm_head(h)
+        kind, weight, scale, group = self.head
+        return self.ext.project(h[:, 0].to(torch.bfloat16), kind, weight, scale, group)[:, None]
 
-def for_decoder(decoder) -> DecodeStep | None:
+
+def for_decoder(decoder, lm_head: nn.Module | None = None) -> DecodeStep | None:
     """The decoder's C++ step (built once per set of weights), or None when it cannot run this decoder or
-    SMOLVLM_DECODE_STEP=0 (to compare against the eager path)."""
+    SMOLVLM_DECODE_STEP=0 (to compare against the eager path). With the model's lm_head, `logits` runs it
+    through the step's matmul too (bf16 / int8: twice ATen's speed at a few rows)."""
     if os.environ.get("SMOLVLM_DECODE_STEP", "1") == "0":
         return None
     collected = _collect(decoder)
     if collected is None:
         return None
     current = decoder.__dict__.get("_decode_step")
-    if current is not None and current.pointers == _pointers(collected[0]):
+    if current is not None and current.lm_head is lm_head \
+            and current.pointers == _pointers(collected[0]) + _head_pointers(lm_head):
         return current
     ext = extension()
     if ext is None:
         return None
-    step = DecodeStep(ext, decoder, *collected)
+    step = DecodeStep(ext, decoder, *collected, lm_head)
     decoder.__dict__["_decode_step"] = step  # plain attribute: invisible to state_dict / .to()
     return step
 

@@ -155,7 +155,8 @@ def generate_ids(
 
     cache = KVCache(model.cfg.text, b, t + max_new, model.dtype) if params.use_cache else None
     if cache is not None and not model.cross_attention:
-        cache.decode_step = decode_step.for_decoder(model.text_model)  # None: eager steps (e.g. float32)
+        # None: eager steps (e.g. float32)
+        cache.decode_step = decode_step.for_decoder(model.text_model, model.lm_head)
     ids, mask = input_ids, attention_mask
     step_ids = input_ids
     done = torch.zeros(b, dtype=torch.bool)

@@ -264,4 +264,6 @@ class VLM(nn.Module):
                                position_ids, cache)
         if last_only:
             h = h[:, -1:]
+            if cache is not None and cache.decode_step is not None:
+                return cache.decode_step.logits(h)  # the same lm_head through the C++ step's matmul
         return self.lm_head(h)
