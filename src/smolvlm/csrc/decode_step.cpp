@@ -301,8 +301,15 @@ at::Tensor project(const at::Tensor& x, int64_t kind, at::Tensor weight, at::Ten
   return Proj{kind, weight, scale, group_size}(x);
 }
 
+// softmax.cpp
+bool softmax_supported();
+void softmax_bf16_(at::Tensor scores);
+
+// the Python bindings of every kernel (kernels.py builds this file and softmax.cpp into one module)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project", &project, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("softmax_supported", &softmax_supported);
+  m.def("softmax_bf16_", &softmax_bf16_, pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<DecodeStep>(m, "DecodeStep")
       .def(pybind11::init<std::vector<std::vector<at::Tensor>>, std::vector<int64_t>, int64_t, int64_t, int64_t,
                           int64_t, double>())
