@@ -56,4 +56,4 @@ def softmax_(scores: torch.Tensor) -> torch.Tensor:
 
 
 if __name__ == "__main__":  # `python -m smolvlm.kernels`: build them now (make install does), not at first use
-    sys.exit(0 if extension() is not None else 1)
+    extension()  # without a compiler it says so and succeeds: everything runs on PyTorch alone
