@@ -154,8 +154,9 @@ def prefill_attention(q, k, v, attn_mask):
     """Causal attention of T new queries over S = past + T keys as bf16 matmuls (inference, T > 1): the CPU
     SDPA kernel takes 9.4 ms per layer for an 874-token SmolVLM prompt here, this ~3 ms (docs/speed.md).
     The query heads sharing a kv head are stacked as rows (no repeat of k, v); queries go in blocks, each
-    over the keys up to its last position only. q (B, H, T, hd); k, v (B, Hkv, S, hd); attn_mask (B, 1, T, S)
-    bool or None (plain causal). Returns (B, H, T, hd)."""
+    over the keys up to its last position only, so attn_mask must not let a query see a later position (every
+    mask here is causal: build_attention_mask, train.branch_attention_mask). q (B, H, T, hd); k, v
+    (B, Hkv, S, hd); attn_mask (B, 1, T, S) bool or None (plain causal). Returns (B, H, T, hd)."""
     b, h, t, hd = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g, past = h // hkv, s - t
@@ -241,7 +242,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         memory: torch.Tensor | None = None,  # (B, M, D) visual tokens for the cross-attention layers
         memory_mask: torch.Tensor | None = None,  # (B, M) bool, True on real visual tokens
-        attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool: the keys each query sees, instead of causal
+        attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool: keys each query sees, a subset of causal
     ) -> torch.Tensor:
         past_len = cache.length if cache is not None else 0
         if cache is not None and cache.decode_step is not None and inputs_embeds.shape[1] == 1 and attn_mask is None:

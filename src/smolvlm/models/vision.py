@@ -57,7 +57,7 @@ class VisionEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values)  # (N, D, h, w)
         # contiguous: a transposed x would make every later residual add keep that layout, and every
-        # LayerNorm copy it back (measured: ~40 ms of a 0.64 s tile)
+        # LayerNorm copy it back (measured: ~30 ms of a 0.64 s tile)
         x = x.flatten(2).transpose(1, 2).contiguous()  # (N, h*w, D)
         return x + self.position_embedding(grid_position_ids(patch_mask, self.cfg.patches_per_side))
 
@@ -108,7 +108,6 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         out.append(torch.matmul(kernels.softmax_(scores), v[:, hs]))  # csrc/softmax.cpp
     return torch.cat(out, dim=1)
-
 
 
 # oneDNN's linear with the GELU applied in its epilogue (bf16 inference only): one pass over the
