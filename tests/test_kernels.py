@@ -1,4 +1,5 @@
-"""The C++ softmax (csrc/softmax.cpp) and the bf16 inference attention paths built on it, against PyTorch."""
+"""The C++ softmax (csrc/softmax.cpp), attention (csrc/attention.cpp) and the bf16 inference attention paths built on
+them, against PyTorch."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ import torch.nn.functional as F
 
 from smolvlm import kernels
 from smolvlm.models import decoder
-from smolvlm.models.vision import matmul_attention
+from smolvlm.models.vision import VisionAttention, VisionConfig, matmul_attention
+from smolvlm.quantize import fuse
 
 
 @pytest.mark.parametrize("cols", [32, 1024, 874, 7, 1])
@@ -30,7 +32,8 @@ def test_softmax_of_a_fully_masked_row_is_zero():
 
 def test_the_kernel_is_used_here():
     ext = kernels.extension()
-    assert ext is not None and ext.softmax_supported()  # CI machines have AVX-512 BF16 and a compiler
+    # CI machines have AVX-512 BF16 and a compiler
+    assert ext is not None and ext.softmax_supported() and ext.attention_supported(64)
 
 
 def reference_attention(q, k, v, mask):
@@ -69,3 +72,58 @@ def test_vision_matmul_attention_matches_sdpa():
     out = matmul_attention(q, k, v, mask).float()
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
     assert (out - ref).abs().max() < 0.03
+
+
+def sdpa_reference(q, k, v, key_mask):  # (B, P, H, D) in and out, float32
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+@pytest.mark.parametrize("patches", [1, 7, 64, 65, 100, 1024])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_kernel_matches_sdpa(patches, masked):
+    g = torch.Generator().manual_seed(patches)
+    b, h = 2, 3
+    qkv = torch.randn(b, patches, 3, h, 64, generator=g).to(torch.bfloat16)  # the fused projection's layout
+    q, k, v = qkv.unbind(2)  # strided views, as the vision tower passes them
+    key_mask = None
+    if masked:
+        key_mask = torch.rand(b, patches, generator=g) > 0.4
+        key_mask[:, 0] = True
+    out = kernels.attention(q, k, v, key_mask)
+    assert out.shape == (b, patches, h, 64) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    assert (out.float() - sdpa_reference(q, k, v, key_mask)).abs().max() < 0.02
+
+
+def test_attention_kernel_with_every_key_masked_gives_zeros():
+    q, k, v = torch.randn(2, 70, 3, 2, 64).to(torch.bfloat16).unbind(2)
+    key_mask = torch.ones(2, 70, dtype=torch.bool)
+    key_mask[1] = False
+    out = kernels.attention(q, k, v, key_mask).float()
+    assert (out[1] == 0).all()
+    assert (out[0] - sdpa_reference(q[:1], k[:1], v[:1], None)[0]).abs().max() < 0.02
+
+
+def test_attention_kernel_declines_what_it_does_not_cover():
+    q, k, v = torch.randn(1, 16, 3, 2, 32).to(torch.bfloat16).unbind(2)
+    assert kernels.attention(q, k, v, None) is None  # head dim 32
+    q, k, v = torch.randn(1, 16, 3, 2, 64).unbind(2)
+    assert kernels.attention(q, k, v, None) is None  # float32: the exact reference path stays PyTorch's
+
+
+def test_vision_attention_through_the_kernel_matches_the_plain_module(monkeypatch):
+    used = []
+    real = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a: used.append(real(*a)) or used[-1])
+    cfg = VisionConfig(hidden_size=128, num_heads=2)  # head dim 64: the kernel applies
+    attn = VisionAttention(cfg).to(torch.bfloat16)
+    x = torch.randn(2, 50, 128).to(torch.bfloat16)
+    mask = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+    mask[1, ..., 30:] = False
+    with torch.inference_mode():
+        plain = attn(x, mask).float()  # not fused: q, k, v projections, then matmul_attention
+        assert fuse(attn, ("q_proj", "k_proj", "v_proj")) is not None
+        fused = attn(x, mask).float()  # the fused projection into csrc/attention.cpp
+    assert len(used) == 1 and used[0] is not None
+    assert (fused - plain).abs().max() < 0.03

@@ -2,6 +2,7 @@
 
     csrc/decode_step.cpp  one decoding step through all decoder layers (decode_step.py uses it)
     csrc/softmax.cpp      row softmax in place, bf16 (softmax_ below: attention at inference)
+    csrc/attention.cpp    bidirectional attention in one pass, bf16 (attention below: the vision tower's)
 
 torch.utils.cpp_extension builds them on first use (~1 min; cached in ~/.cache/torch_extensions; rebuilt when a
 source changes). Without a C++ compiler `extension()` is None and every caller stays on its PyTorch path (same
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 NAME = "smolvlm_kernels"
-SOURCES = ["decode_step.cpp", "softmax.cpp"]  # decode_step.cpp holds the Python bindings of both
+SOURCES = ["decode_step.cpp", "softmax.cpp", "attention.cpp"]  # decode_step.cpp holds the Python bindings
 
 _MODULE = None  # the compiled extension; False once building it failed
 
@@ -53,6 +54,17 @@ def softmax_(scores: torch.Tensor) -> torch.Tensor:
         ext.softmax_bf16_(scores)
         return scores
     return torch.softmax(scores, dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(D)) v for q, k, v (B, P, H, D) bf16 (last dim contiguous; views of a fused qkv are
+    fine), key_mask (B, P) bool (True = may be attended) or None -> (B, P, H, D), by csrc/attention.cpp; None where
+    that kernel does not apply (not built, no AVX-512 BF16, D != 64, or k and v laid out differently)."""
+    ext = extension()
+    if ext is None or q.dtype != torch.bfloat16 or not ext.attention_supported(q.shape[-1]) \
+            or k.stride() != v.stride() or min(q.stride(-1), k.stride(-1)) != 1:
+        return None
+    return ext.attention_bf16(q, k, v, key_mask, q.shape[-1] ** -0.5)
 
 
 if __name__ == "__main__":  # `python -m smolvlm.kernels`: build them now (make install does), not at first use

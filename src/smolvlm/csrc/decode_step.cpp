@@ -304,12 +304,18 @@ at::Tensor project(const at::Tensor& x, int64_t kind, at::Tensor weight, at::Ten
 // softmax.cpp
 bool softmax_supported();
 void softmax_bf16_(at::Tensor scores);
+// attention.cpp
+bool attention_supported(int64_t head_dim);
+at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& key_mask, double scale);
 
-// the Python bindings of every kernel (kernels.py builds this file and softmax.cpp into one module)
+// the Python bindings of every kernel (kernels.py builds the csrc files into one module)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project", &project, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("softmax_supported", &softmax_supported);
   m.def("softmax_bf16_", &softmax_bf16_, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("attention_supported", &attention_supported);
+  m.def("attention_bf16", &attention_bf16, pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<DecodeStep>(m, "DecodeStep")
       .def(pybind11::init<std::vector<std::vector<at::Tensor>>, std::vector<int64_t>, int64_t, int64_t, int64_t,
                           int64_t, double>())

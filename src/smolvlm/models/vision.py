@@ -76,8 +76,14 @@ class VisionAttention(nn.Module):
         n, p, d = x.shape
         fused = self.__dict__.get("_fused")  # quantize.fuse: one matmul for q, k, v at inference
         if fused is not None and fused.usable(self):
+            qkv = fused(x).view(n, p, 3, self.num_heads, self.head_dim)
+            # bf16: q, k, v straight from the fused output into csrc/attention.cpp (one pass, no copies)
+            key_mask = None if attn_mask is None else attn_mask.view(n, p)
+            y = kernels.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask)  # (N, P, H, hd) or None
+            if y is not None:
+                return self.out_proj(y.view(n, p, d))
             # one copy into head-major order: the attention's matmuls would otherwise copy each strided slice
-            qkv = fused(x).view(n, p, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+            qkv = qkv.permute(2, 0, 3, 1, 4).contiguous()
             q, k, v = qkv[0], qkv[1], qkv[2]  # (N, H, P, hd) each
         else:
             q = self.q_proj(x).view(n, p, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, P, hd)
