@@ -56,16 +56,19 @@ def softmax_(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(D)) v for q, k, v (B, P, H, D) bf16 (last dim contiguous; views of a fused qkv are
-    fine), key_mask (B, P) bool (True = may be attended) or None -> (B, P, H, D), by csrc/attention.cpp; None where
-    that kernel does not apply (not built, no AVX-512 BF16, D != 64, or k and v laid out differently)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+              causal: bool = False) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(D)) v by csrc/attention.cpp: q (B, T, H, D), k and v (B, S, Hkv, D) bf16 with the last
+    dimension contiguous (views of a fused qkv or of the KV cache are fine; query head h reads kv head
+    h // (H / Hkv)); key_mask (B, S) bool (True = may be attended) or None; causal: query i sits at position
+    S - T + i. Returns (B, T, H, D), or None where that kernel does not apply (not built, no AVX-512 BF16,
+    D != 64, not bf16): the caller's PyTorch path then runs."""
     ext = extension()
-    if ext is None or q.dtype != torch.bfloat16 or not ext.attention_supported(q.shape[-1]) \
-            or k.stride() != v.stride() or min(q.stride(-1), k.stride(-1)) != 1:
+    if ext is None or not (q.dtype == k.dtype == v.dtype == torch.bfloat16) \
+            or not ext.attention_supported(q.shape[-1]) \
+            or max(q.stride(-1), k.stride(-1), v.stride(-1)) != 1:
         return None
-    return ext.attention_bf16(q, k, v, key_mask, q.shape[-1] ** -0.5)
-
+    return ext.attention_bf16(q, k, v, key_mask, causal, q.shape[-1] ** -0.5)
 
 if __name__ == "__main__":  # `python -m smolvlm.kernels`: build them now (make install does), not at first use
     extension()  # without a compiler it says so and succeeds: everything runs on PyTorch alone

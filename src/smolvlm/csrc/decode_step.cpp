@@ -307,7 +307,7 @@ void softmax_bf16_(at::Tensor scores);
 // attention.cpp
 bool attention_supported(int64_t head_dim);
 at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& key_mask, double scale);
+                          const std::optional<at::Tensor>& key_mask, bool causal, double scale);
 
 // the Python bindings of every kernel (kernels.py builds the csrc files into one module)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -138,6 +138,10 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, Hkv, H/Hkv, hd)
             return self.o_proj(y.reshape(b, 1, h * hd))
         if q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            if attn_mask is None:  # plain causal: one C++ pass (csrc/attention.cpp), q, k, v read where they are
+                y = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+                if y is not None:  # (B, T, H, hd)
+                    return self.o_proj(y.view(b, t, h * hd))
             y = prefill_attention(q, k, v, attn_mask)
         else:
             y = F.scaled_dot_product_attention(
