@@ -2,7 +2,7 @@
 
     csrc/decode_step.cpp  one decoding step through all decoder layers (decode_step.py uses it)
     csrc/softmax.cpp      row softmax in place, bf16 (softmax_ below: attention at inference)
-    csrc/attention.cpp    bidirectional attention in one pass, bf16 (attention below: the vision tower's)
+    csrc/attention.cpp    attention in one pass, bf16 (attention below: the vision tower's, and causal prompts')
 
 torch.utils.cpp_extension builds them on first use (~1 min; cached in ~/.cache/torch_extensions; rebuilt when a
 source changes). Without a C++ compiler `extension()` is None and every caller stays on its PyTorch path (same
@@ -69,6 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
             or max(q.stride(-1), k.stride(-1), v.stride(-1)) != 1:
         return None
     return ext.attention_bf16(q, k, v, key_mask, causal, q.shape[-1] ** -0.5)
+
 
 if __name__ == "__main__":  # `python -m smolvlm.kernels`: build them now (make install does), not at first use
     extension()  # without a compiler it says so and succeeds: everything runs on PyTorch alone

@@ -23,7 +23,7 @@
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include "vec.h"
+#include <immintrin.h>
 
 namespace {
 
