@@ -1,7 +1,8 @@
 """The inference fast path against the plain one: fused q/k/v and gate/up (state dict unchanged, LoRA
 and training untouched), decode attention over the filled cache, bf16 matmul attention in the vision
-tower, batched tiles, the per-model cache of image embeddings."""
+tower, oneDNN's packed linears there, batched tiles, the per-model cache of image embeddings."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -106,6 +107,46 @@ def test_bf16_vision_fast_path_and_batched_tiles_close_to_plain(monkeypatch):
         got = model.encode_images(pixels)  # chunked matmul attention, oneDNN linear + GELU, tiles 3 at a time
     assert got.shape == ref.shape
     assert F.cosine_similarity(got.float().flatten(), ref.float().flatten(), dim=0) > 0.999
+
+
+def test_packed_onednn_linear_matches_f_linear_and_follows_weight_updates():
+    if not vision_module.ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(3, 50, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for gelu in (False, True):
+            ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+            ref = F.gelu(ref, approximate="tanh") if gelu else ref
+            got = vision_module.inference_linear(x, layer, gelu=gelu)
+            assert got.dtype == torch.bfloat16 and got.shape == (3, 50, 96)
+            assert (got.float() - ref).abs().max() < 0.02 * ref.abs().max()
+        packed = layer.__dict__["_packed_weight"][1]
+        assert vision_module.inference_linear(x, layer) is not None and layer.__dict__["_packed_weight"][1] is packed
+        layer.weight.mul_(-1)  # an in-place update (as an optimizer step): the packed copy must follow
+        flipped = vision_module.inference_linear(x, layer).float()
+        ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        assert (flipped - ref).abs().max() < 0.02 * ref.abs().max()
+        layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight))  # reassignment too
+        assert torch.equal(vision_module.inference_linear(x, layer), layer.bias.expand(3, 50, 96))
+    assert "_packed_weight" not in layer.state_dict() and set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_vision_tower_uses_packed_linears_only_in_bf16_inference():
+    if not vision_module.ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear")
+    model = tiny(dtype=torch.bfloat16)
+    prepare_for_inference(model)
+    pixels = torch.randn(1, 2, 3, 32, 32)
+    block = model.vision_model.encoder["layers"][0]
+    model.encode_images(pixels).sum().backward()  # training: plain modules, nothing packed
+    assert "_packed_weight" not in block.mlp.fc1.__dict__
+    with torch.inference_mode():
+        model.encode_images(pixels)
+    fused = block.self_attn.__dict__["_fused"]
+    for owner in (fused, block.self_attn.out_proj, block.mlp.fc1, block.mlp.fc2):
+        assert "_packed_weight" in owner.__dict__
 
 
 def test_chunked_matmul_attention_matches_sdpa_with_padding_mask(monkeypatch):
