@@ -494,7 +494,7 @@ class Processor:
                 if isinstance(image, (str, Path)):
                     image = open_image(image)
                 fi, ri, ci = image_frames(image, cfg)
-                f += [normalize_frame(x, cfg) for x in fi]
+                f += fi  # uint8 until written into the batch (a float32 copy of every frame would add its size)
                 r.append(ri)
                 c.append(ci)
             frames.append(f)
@@ -504,22 +504,23 @@ class Processor:
         if not all_frames:
             raise SmolVLMError("no images were given to process")
         n = max(len(f) for f in frames)
-        h = max(x.shape[1] for x in all_frames)
-        w = max(x.shape[2] for x in all_frames)
-        if not cfg.do_pad:
-            if any(len(f) != n for f in frames) or any(x.shape[1:] != (h, w) for x in all_frames):
-                raise SmolVLMError("without do_pad every prompt needs the same number of same-sized frames; "
-                                   "set do_pad=True")
-            pixel_values = torch.from_numpy(np.stack([np.stack(f) for f in frames]))
-            return {"pixel_values": pixel_values, "rows": rows, "cols": cols}
+        h = max(x.shape[0] for x in all_frames)  # frames are (h, w, 3) here
+        w = max(x.shape[1] for x in all_frames)
+        if not cfg.do_pad and (any(len(f) != n for f in frames) or any(x.shape[:2] != (h, w) for x in all_frames)):
+            raise SmolVLMError("without do_pad every prompt needs the same number of same-sized frames; "
+                               "set do_pad=True")
         pixel_values = np.zeros((len(frames), n, 3, h, w), dtype=np.float32)  # missing frames stay all-zero
-        mask = np.zeros((len(frames), n, h, w), dtype=bool)
         for i, f in enumerate(frames):
             for j, x in enumerate(f):
-                pixel_values[i, j, :, : x.shape[1], : x.shape[2]] = x
-                mask[i, j, : x.shape[1], : x.shape[2]] = True
-        return {"pixel_values": torch.from_numpy(pixel_values), "pixel_attention_mask": torch.from_numpy(mask),
-                "rows": rows, "cols": cols}
+                pixel_values[i, j, :, : x.shape[0], : x.shape[1]] = normalize_frame(x, cfg)
+        out = {"pixel_values": torch.from_numpy(pixel_values), "rows": rows, "cols": cols}
+        if cfg.do_pad:
+            mask = np.zeros((len(frames), n, h, w), dtype=bool)
+            for i, f in enumerate(frames):
+                for j, x in enumerate(f):
+                    mask[i, j, : x.shape[0], : x.shape[1]] = True
+            out["pixel_attention_mask"] = torch.from_numpy(mask)
+        return out
 
     # -- text ---------------------------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ class VLMConfig:
             raise SmolVLMError(f"image_positions needs the pixel-shuffle connector, not {self.connector!r}")
 
 
-VISION_BATCH = 2  # tiles per vision-tower call at inference (bounds the attention scores: 24 MB per tile)
+VISION_BATCH = 2  # tiles per vision-tower call at inference (bounds the activations, e.g. the matmul attention's 24 MB of scores per tile)
 
 # SmolVLM-256M: SigLIP-B/16 at 512 px + SmolLM2-135M; SmolVLM-500M: same encoder + SmolLM2-360M.
 PRESETS: dict[str, VLMConfig] = {
@@ -146,11 +146,12 @@ class VLM(nn.Module):
         if not self.has_vision:
             raise SmolVLMError("this model has no vision encoder (a text-only checkpoint); drop the images")
         b, i = pixel_values.shape[:2]
-        pixels = pixel_values.reshape(b * i, *pixel_values.shape[2:]).to(self.dtype)
+        pixels = pixel_values.reshape(b * i, *pixel_values.shape[2:])  # (N, 3, H, W), still the caller's dtype
         # the processor pads a batch's image lists with all-zero images; skip them (as SmolVLM does)
         real = (pixels != 0).flatten(1).any(dim=1)
         real[0] |= ~real.any()
-        pixels = pixels[real]
+        if not bool(real.all()):
+            pixels = pixels[real]
         ps = self.cfg.vision.patch_size
         grid = (pixels.shape[2] // ps, pixels.shape[3] // ps)  # patch rows, cols
         if pixel_attention_mask is None:
@@ -163,13 +164,14 @@ class VLM(nn.Module):
             # a patch is real if any of its pixels is
             patch_mask = mask.reshape(n, h // ps, ps, w // ps, ps).any(dim=4).any(dim=2)  # (N, h, w)
         if torch.is_grad_enabled() or pixels.shape[0] <= VISION_BATCH:
-            return self.connector(self.vision_model(pixels, patch_mask), grid)
-        # inference: tiles go through the tower VISION_BATCH at a time, which bounds the activations
-        # (bf16 attention scores are 24 MB per 512-px tile) at no cost in speed (matmuls of 1024+ rows)
+            return self.connector(self.vision_model(pixels.to(self.dtype), patch_mask), grid)
+        # inference: tiles go through the tower VISION_BATCH at a time (each cast to the model's dtype on the
+        # way), which bounds the activations at no cost in speed (matmuls of 1024+ rows)
         out = []
         for i in range(0, pixels.shape[0], VISION_BATCH):
             chunk_mask = None if patch_mask is None else patch_mask[i : i + VISION_BATCH]
-            out.append(self.connector(self.vision_model(pixels[i : i + VISION_BATCH], chunk_mask), grid))
+            chunk = pixels[i : i + VISION_BATCH].to(self.dtype)
+            out.append(self.connector(self.vision_model(chunk, chunk_mask), grid))
         return torch.cat(out)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
