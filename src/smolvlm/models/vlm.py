@@ -75,7 +75,8 @@ class VLMConfig:
             raise SmolVLMError(f"image_positions needs the pixel-shuffle connector, not {self.connector!r}")
 
 
-VISION_BATCH = 2  # tiles per vision-tower call at inference (bounds the activations, e.g. the matmul attention's 24 MB of scores per tile)
+# tiles per vision-tower call at inference: bounds the activations (the matmul attention's scores: 24 MB a tile)
+VISION_BATCH = 2
 
 # SmolVLM-256M: SigLIP-B/16 at 512 px + SmolLM2-135M; SmolVLM-500M: same encoder + SmolLM2-360M.
 PRESETS: dict[str, VLMConfig] = {
