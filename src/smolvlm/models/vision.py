@@ -118,8 +118,8 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 
 # bf16 inference: the tower's linears through oneDNN with each weight kept in oneDNN's blocked layout (packed
 # once, then reused), the bias and fc1's GELU applied in the matmul's epilogue. Measured, 2 threads, one
-# tile, alternating in one process: 0.540 vs 0.567 s best, 0.559 vs 0.606 s median against F.linear and a
-# separate GELU; without the packing only ~2% of that remains. The packed copies cost ~170 MB (SmolVLM's tower).
+# tile, alternating in one process: 0.540 vs 0.567 s best, 0.559 vs 0.606 s median against F.linear (with only
+# fc1 + GELU through oneDNN, unpacked); unpacked, ~2% of that remains. The packed copies cost ~170 MB (SmolVLM).
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 PACK_ROWS = 1024  # the row count oneDNN packs for: one 512-px tile of 16-px patches (any count works)
