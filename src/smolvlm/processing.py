@@ -510,15 +510,14 @@ class Processor:
             raise SmolVLMError("without do_pad every prompt needs the same number of same-sized frames; "
                                "set do_pad=True")
         pixel_values = np.zeros((len(frames), n, 3, h, w), dtype=np.float32)  # missing frames stay all-zero
+        mask = np.zeros((len(frames), n, h, w), dtype=bool) if cfg.do_pad else None
         for i, f in enumerate(frames):
             for j, x in enumerate(f):
                 pixel_values[i, j, :, : x.shape[0], : x.shape[1]] = normalize_frame(x, cfg)
-        out = {"pixel_values": torch.from_numpy(pixel_values), "rows": rows, "cols": cols}
-        if cfg.do_pad:
-            mask = np.zeros((len(frames), n, h, w), dtype=bool)
-            for i, f in enumerate(frames):
-                for j, x in enumerate(f):
+                if mask is not None:
                     mask[i, j, : x.shape[0], : x.shape[1]] = True
+        out = {"pixel_values": torch.from_numpy(pixel_values), "rows": rows, "cols": cols}
+        if mask is not None:
             out["pixel_attention_mask"] = torch.from_numpy(mask)
         return out
 
