@@ -123,7 +123,8 @@ def test_packed_onednn_linear_matches_f_linear_and_follows_weight_updates():
             assert got.dtype == torch.bfloat16 and got.shape == (3, 50, 96)
             assert (got.float() - ref).abs().max() < 0.02 * ref.abs().max()
         packed = layer.__dict__["_packed_weight"][1]
-        assert vision_module.inference_linear(x, layer) is not None and layer.__dict__["_packed_weight"][1] is packed
+        vision_module.inference_linear(x, layer)
+        assert layer.__dict__["_packed_weight"][1] is packed  # an unchanged weight is packed once
         layer.weight.mul_(-1)  # an in-place update (as an optimizer step): the packed copy must follow
         flipped = vision_module.inference_linear(x, layer).float()
         ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
@@ -131,6 +132,11 @@ def test_packed_onednn_linear_matches_f_linear_and_follows_weight_updates():
         layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight))  # reassignment too
         assert torch.equal(vision_module.inference_linear(x, layer), layer.bias.expand(3, 50, 96))
     assert "_packed_weight" not in layer.state_dict() and set(layer.state_dict()) == {"weight", "bias"}
+    with torch.inference_mode():  # weights made under inference mode have no version counter
+        made_here = torch.nn.Linear(64, 96).to(torch.bfloat16)
+        got = vision_module.inference_linear(x, made_here).float()
+        ref = F.linear(x.float(), made_here.weight.float(), made_here.bias.float())
+        assert (got - ref).abs().max() < 0.02 * ref.abs().max()
 
 
 def test_vision_tower_uses_packed_linears_only_in_bf16_inference():
