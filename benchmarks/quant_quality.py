@@ -15,7 +15,7 @@ import json
 import torch
 
 from smolvlm.checkpoint import load, save
-from smolvlm.quantize import compare_logits, prepare_for_inference
+from smolvlm.runtime.quantize import compare_logits, prepare_for_inference
 
 # Public-domain prose (Dickens, Austen, Lincoln, Melville, Darwin).
 TEXT = """It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of \

@@ -5,12 +5,12 @@ where it does not apply; used by generation."""
 import pytest
 import torch
 
-from smolvlm import decode_step, kernels
+from smolvlm.runtime import decode_step, kernels
 from smolvlm.generation import SamplingParams, generate_ids
 from smolvlm.lora import LoRAConfig, add_lora
 from smolvlm.models.decoder import KVCache
 from smolvlm.models.vlm import VLM, preset
-from smolvlm.quantize import prepare_for_inference
+from smolvlm.runtime.quantize import prepare_for_inference
 
 
 def tiny_bf16(mode=None) -> VLM:
@@ -64,7 +64,7 @@ def test_decode_step_matches_eager_on_a_padded_batch(mode):
 def test_projection_matches_aten(kind, b, k, n):
     """The step's own matmul (a streaming GEMV for a few rows, K a multiple of 32, N of 4) and its ATen fallback
     for every other shape: both equal ATen's result within one bf16 rounding of the output."""
-    from smolvlm.quantize import Int8Linear
+    from smolvlm.runtime.quantize import Int8Linear
 
     g = torch.Generator().manual_seed(b * 1000 + k + n)
     x = torch.randn(b, k, generator=g).to(torch.bfloat16)

@@ -12,7 +12,7 @@ from smolvlm.models import vision as vision_module
 from smolvlm.models import vlm as vlm_module
 from smolvlm.models.decoder import KVCache
 from smolvlm.models.vlm import VLM, preset
-from smolvlm.quantize import prepare_for_inference
+from smolvlm.runtime.quantize import prepare_for_inference
 
 
 def tiny(seed=0, dtype=torch.float32) -> VLM:

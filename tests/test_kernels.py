@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smolvlm import kernels
+from smolvlm.runtime import kernels
 from smolvlm.models import decoder
 from smolvlm.models.vision import VisionAttention, VisionConfig, matmul_attention
-from smolvlm.quantize import fuse
+from smolvlm.runtime.quantize import fuse
 
 
 @pytest.mark.parametrize("cols", [32, 1024, 874, 7, 1])

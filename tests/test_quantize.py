@@ -6,7 +6,7 @@ import torch
 
 from smolvlm.checkpoint import load, save
 from smolvlm.errors import SmolVLMError
-from smolvlm.quantize import Int4Linear, Int8Linear, compare_logits, prepare_for_inference
+from smolvlm.runtime.quantize import Int4Linear, Int8Linear, compare_logits, prepare_for_inference
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering "

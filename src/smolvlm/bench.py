@@ -238,7 +238,7 @@ def print_table(results: dict[str, dict], rat: dict | None) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from smolvlm.checkpoint import parse_dtype, resolve
     from smolvlm.processing import open_image
-    from smolvlm.quantize import check_mode
+    from smolvlm.runtime.quantize import check_mode
 
     parse_dtype(args.dtype)
     args.quantize = check_mode(args.quantize)

@@ -250,7 +250,7 @@ def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], source: str,
         model = VLM(cfg)
     expected = set(model.state_dict())
     if quantization:
-        from smolvlm.quantize import adopt_quantized
+        from smolvlm.runtime.quantize import adopt_quantized
 
         expected -= adopt_quantized(model, state, quantization, source)  # takes its tensors out of state
     if cfg.text.tie_word_embeddings and not (quantization or {}).get("lm_head"):
@@ -357,7 +357,7 @@ def load(path_or_id: str | Path, dtype: str | torch.dtype = "float32",
     Weights are read straight into `dtype`. quantize: None, "int8" or "int4" (weight-only, the decoder's
     projections; see quantize.py). The q/k/v and gate/up projections are fused for inference in a way
     that keeps the state dict, saving, training and LoRA wrapping unchanged (quantize.prepare_for_inference)."""
-    from smolvlm.quantize import check_mode, prepare_for_inference
+    from smolvlm.runtime.quantize import check_mode, prepare_for_inference
 
     parse_dtype(dtype)  # fail on a bad dtype before any slow work
     quantize = check_mode(quantize)

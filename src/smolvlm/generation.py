@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smolvlm import decode_step
+from smolvlm.runtime import decode_step
 from smolvlm.errors import SmolVLMError
 from smolvlm.models.decoder import KVCache
 from smolvlm.models.vlm import VLM

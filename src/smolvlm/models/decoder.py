@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolvlm import kernels
+from smolvlm.runtime import kernels
 
 
 @dataclass

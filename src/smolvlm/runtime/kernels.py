@@ -6,7 +6,7 @@
 
 torch.utils.cpp_extension builds them on first use (~1 min; cached in ~/.cache/torch_extensions; rebuilt when a
 source changes). Without a C++ compiler `extension()` is None and every caller stays on its PyTorch path (same
-results within bf16 rounding). `python -m smolvlm.kernels` builds them ahead of time (`make install` does).
+results within bf16 rounding). `python -m smolvlm.runtime.kernels` builds them ahead of time (`make install` does).
 """
 
 from __future__ import annotations
@@ -71,5 +71,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return ext.attention_bf16(q, k, v, key_mask, causal, q.shape[-1] ** -0.5)
 
 
-if __name__ == "__main__":  # `python -m smolvlm.kernels`: build them now (make install does), not at first use
+if __name__ == "__main__":  # `python -m smolvlm.runtime.kernels`: build them now (make install does), not at first use
     extension()  # without a compiler it says so and succeeds: everything runs on PyTorch alone

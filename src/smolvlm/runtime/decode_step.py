@@ -18,12 +18,12 @@ import os
 import torch
 from torch import nn
 
-from smolvlm import kernels
+from smolvlm.runtime import kernels
 
 
 def _projection(m) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
     """(kind, weight, scale, group size) of a projection the C++ step can run, else None."""
-    from smolvlm.quantize import Fused, Int4Linear, Int8Linear
+    from smolvlm.runtime.quantize import Fused, Int4Linear, Int8Linear
 
     empty = torch.empty(0)
     if isinstance(m, Fused):
