@@ -18,7 +18,6 @@ from smolvlm.eval.accuracy import gqa_accuracy, nlvr2_accuracy, normalize_short_
 from smolvlm.eval.caption_metrics import bleu, cider_d, cider_d_tokenized, lcs_length, rouge_l, score_captions
 from smolvlm.eval.ptb_tokenizer import PUNCTUATIONS, tokenize_captions
 from smolvlm.eval.retrieval import retrieval_recall
-from smolvlm.eval.vqa_metric import evaluate_vqa, normalize_answer, process_punctuation, vqa_accuracy
 
 CAPTIONS = SHARED_FIXTURES / "caption-metrics"
 # Published in the fixture's README (pycocoevalcap with the Java PTB tokenizer).
@@ -159,64 +158,6 @@ def test_bad_caption_input():
         score_captions({"1": "a dog"}, {"1": "a dog"})
     result = score_captions(refs, {"1": "a dog", "2": "  ..."}, with_meteor=False)
     assert result.per_image["CIDEr"]["2"] == 0.0 and "1 empty candidate" in result.warnings[0]
-
-
-# ----------------------------------------------------------------------------------------------- VQA
-def _loo(m: int) -> float:
-    """The official leave-one-out average for m matching answers out of 10."""
-    return (m * min(1, (m - 1) / 3) + (10 - m) * min(1, m / 3)) / 10
-
-
-@pytest.mark.parametrize("m, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
-def test_vqa_leave_one_out(m, expected):
-    answers = ["dog"] * m + [f"other{i}" for i in range(10 - m)]
-    assert vqa_accuracy("dog", answers) == pytest.approx(expected) == pytest.approx(_loo(m))
-
-
-@pytest.mark.parametrize("raw, normalized", [
-    ("Two", "2"), ("none", "0"), ("ten dogs", "10 dogs"), ("eleven", "eleven"),  # number words up to ten
-    ("A dog", "dog"), ("the an a", ""),  # articles
-    ("dont", "don't"), ("isnt it", "isn't it"),  # contractions restored
-    ("yes.", "yes"), ("3.5", "3.5"), ("Mr. T.", "mr t"),  # periods go unless a digit follows
-    ("red,blue", "red blue"), ("red, blue", "red blue"),  # "," becomes a space, or is deleted next to one
-    ("1,000", "1000"), ("1,000 red-blue", "1000 redblue"),  # a digit comma deletes every punctuation mark
-    ("black/white", "black white"), ("black / white", "black white"),
-    ("left-hand", "left hand"), ("left - hand", "left hand"),
-    ("it's 5:30", "it's 5:30"),  # ' and : are not in the official list
-    ("  yes\n", "yes"), ("no\tway", "no way"),
-])
-def test_vqa_answer_normalization(raw, normalized):
-    assert normalize_answer(raw) == normalized
-
-
-def test_vqa_period_strip_stops_after_32_periods():
-    # periodStrip.sub("", text, re.UNICODE) passes re.UNICODE (32) as the count
-    assert process_punctuation("." * 40) == "." * 8
-
-
-def test_vqa_all_ten_agreeing_answers_are_not_processed():
-    # when the ten answers agree they are compared as they are; the prediction is always normalized
-    assert vqa_accuracy("two", ["2"] * 10) == 1.0
-    assert vqa_accuracy("2", ["two"] * 10) == 0.0
-    assert vqa_accuracy("a dog", ["a dog"] * 10) == 0.0  # the prediction loses its article, the answers keep it
-    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0
-    # when they differ, the answers get processPunctuation (but not the number/article step)
-    assert vqa_accuracy("yes", ["yes."] * 9 + ["no"]) == 1.0
-    assert vqa_accuracy("2", ["two"] * 9 + ["3"]) == 0.0
-
-
-def test_vqa_aggregates_and_official_rounding():
-    qs = [{"question_id": 1, "answers": ["yes"] * 10, "answer_type": "yes/no", "question_type": "is the"},
-          {"question_id": 2, "answers": ["2"] * 2 + ["3"] * 8, "answer_type": "number", "question_type": "how many"},
-          {"question_id": 3, "answers": ["red"] * 10, "answer_type": "other", "question_type": "what color"}]
-    res = evaluate_vqa({1: "Yes", 2: "two", 3: "blue"}, qs)
-    assert res.per_question == {1: 1.0, 2: pytest.approx(0.6), 3: 0.0}
-    assert res.overall == pytest.approx(1.6 / 3)
-    assert res.official()["overall"] == 53.33 and res.official()["perAnswerType"]["number"] == 60.0
-    with pytest.raises(SmolVLMError, match="without a prediction"):
-        evaluate_vqa({1: "yes"}, qs)
-    with pytest.raises(SmolVLMError, match="unknown question ids"):
-        evaluate_vqa({1: "yes", 2: "2", 3: "red", 4: "x"}, qs)
 
 
 # ----------------------------------------------------------------------------------- other accuracies

@@ -14,7 +14,7 @@
     answer per annotated question. Prints the overall and per-answer-type accuracy as the official
     report does (percent, 2 decimals). ``--json`` prints unrounded accuracies in 0..1
     (``overall``, ``per_answer_type``, ``per_question_type``, ``per_question``) and the official
-    rounded report under ``official``.
+    rounded report under ``official`` (with the per-question ``evalQA``).
 
 Problems with the files (missing, not UTF-8, malformed JSON, duplicate ids, ids that do not match,
 captions that are not strings) raise :class:`~smolvlm.errors.SmolVLMError` with one clear sentence.
@@ -180,7 +180,11 @@ def cmd_score_vqa(args: argparse.Namespace) -> int:
     if no_answers:
         raise SmolVLMError(f"{args.annotations} has no human answers for {len(no_answers)} question(s) "
                            f"(e.g. {no_answers[:3]}); use the annotations of the same split as the questions")
-    result = evaluate_vqa(preds, examples)
+    # The annotation dicts themselves, in file order: the official leave-one-out compares whole answer
+    # dicts and sums the accuracies in this order (read_vqav2 above only validates the pair of files).
+    from smolvlm.eval.readers import load_json
+
+    result = evaluate_vqa(preds, load_json(args.annotations)["annotations"])
     official = result.official()
     if args.json:
         print(json.dumps({
@@ -188,7 +192,7 @@ def cmd_score_vqa(args: argparse.Namespace) -> int:
             "per_answer_type": result.per_answer_type,
             "per_question_type": result.per_question_type,
             "per_question": {str(k): v for k, v in result.per_question.items()},
-            "official": official,
+            "official": {**official, "evalQA": {str(k): v for k, v in result.official_per_question().items()}},
         }))
         return 0
     print(f"{len(examples)} questions")

@@ -1,35 +1,29 @@
-"""VQA accuracy exactly as the official evaluation (GT-Vision-Lab/VQA ``vqaEval.py``, current version,
-i.e. after the fix that made the per-question-type / per-answer-type accuracies use each question's
-averaged accuracy instead of the last leave-one-out value).
+"""VQA accuracy exactly as the official evaluation: GT-Vision-Lab/VQA
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` as it stands on master (the version whose human
+answers go through the same normalisation as the prediction, and whose per-type accuracies average
+each question's leave-one-out mean). That script is Python 2; where Python 2 and 3 differ on the
+operations it uses, the Python 2 result is reproduced (marked "py2" below).
 
-Per question (``vqa_accuracy``):
+Per question (:func:`vqa_accuracy`), in the official order:
 
-1. the predicted answer: ``\\n`` and ``\\t`` become spaces, then ``strip()``, then
-   :func:`process_punctuation`, then :func:`process_digit_article`;
-2. the human answers are left untouched when all of them are identical; otherwise each one goes
-   through :func:`process_punctuation` only (never through the digit/article step);
-3. for each of the N human answers (N = 10 in VQA), leave it out and count the other answers equal
-   to the processed prediction: acc_i = min(1, matches_i / 3); the question's accuracy is the mean of
-   the N values (sum in order, divided by N).
+1. every human answer and the prediction: ``\\n`` and ``\\t`` become spaces, then ``strip()``;
+2. if the (stripped) human answers are all the same string, **nothing else happens to any string**:
+   the prediction is compared as it is, case and punctuation included;
+3. otherwise every human answer and the prediction go through :func:`process_punctuation` and then
+   :func:`process_digit_article`;
+4. for each human answer, the others are the answers *different from it* (the official code compares
+   the answer dicts, so identical dicts are left out together; VQA's dicts differ by ``answer_id``,
+   and plain strings here count as different by position); acc = min(1, (others equal to the
+   prediction) / 3); the question's accuracy is the mean of these values.
 
-Answer processing rules (:func:`process_punctuation`): for each character of
-``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` (in that order): if the *original* text contains the
-character followed by a space or preceded by a space, or contains a comma between two digits
-(``\\d,\\d``), every occurrence is deleted; otherwise every occurrence becomes a space. Then every
-``.`` not followed by a digit is removed — at most 32 of them, because the official code passes
-``re.UNICODE`` (= 32) where ``re.sub`` expects ``count``. ``'``, ``:`` and ``*`` are not in the
-list and stay. :func:`process_digit_article`: lower-case, split on whitespace, map number words
-``none``/``zero``..``ten`` to digits (``none`` -> ``0``), drop the articles ``a an the``, expand the
-official contractions table (``dont`` -> ``don't``...), join with single spaces.
+Aggregates (:func:`evaluate_vqa`): overall, per answer type and per question type are means of the
+per-question accuracies in the order the questions are given (the official order is that of the
+annotations file). The official report rounds ``100 * sum / count`` to 2 decimals with Python 2's
+``round`` (ties away from zero: 12.125 -> 12.13, where Python 3 gives 12.12);
+:meth:`VQAResult.official` does the same.
 
-Aggregates (:func:`evaluate_vqa`): overall = mean of the per-question accuracies; per answer type /
-per question type = mean over the questions of that type. The official report prints
-``round(100 * sum / count, 2)``; :class:`VQAResult` keeps the unrounded values in 0..1 and
-:meth:`VQAResult.official` gives the rounded percentages the way the official code computes them.
-
-One deliberate difference: the official code leaves out "the items different from this answer
-dict" (dict equality), so two identical answer dicts would be left out together; VQA's answer dicts
-all differ (``answer_id`` 1..10), and here answers are plain strings left out one position at a time.
+Not reproduced: characters whose Unicode properties changed between Python 2.7's Unicode 5.2 and
+this Python's (e.g. U+180E was whitespace for ``split``/``strip`` then).
 """
 
 from __future__ import annotations
@@ -37,17 +31,18 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 
 from smolvlm.errors import SmolVLMError
 
 __all__ = ["VQAResult", "evaluate_vqa", "normalize_answer", "process_digit_article", "process_punctuation",
-           "vqa_accuracy", "CONTRACTIONS", "MANUAL_MAP", "ARTICLES", "PUNCTUATION"]
+           "official_round", "vqa_accuracy", "CONTRACTIONS", "MANUAL_MAP", "ARTICLES", "PUNCTUATION"]
 
-#: Number words mapped to digits (the official ``manualMap``).
+#: Number words mapped to digits (the official ``manualMap``; nothing above ten).
 MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
               "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = frozenset(["a", "an", "the"])
-#: The characters handled by process_punctuation, in the official order.
+#: The characters handled by process_punctuation, in the official order (no ``'``, ``:``, ``*``, ``.``).
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
                "!")
 
@@ -76,13 +71,21 @@ you'dve you'd've|youll you'll|youre you're|youve you've
 """
 CONTRACTIONS = dict(pair.split(" ") for pair in _CONTRACTION_PAIRS.replace("\n", "").split("|"))
 
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a look-ahead, always true before "."
-_OFFICIAL_SUB_COUNT = 32  # the official call is periodStrip.sub("", text, re.UNICODE): count=32
+# \d is ASCII-only (py2: these byte-string patterns carry no re.UNICODE flag when the official code
+# compiles them, so "٣,٤" is not a comma between digits there).
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)", re.ASCII)
+# sic: "(?!<=\d)" is a look-ahead for the two characters "<=" plus a digit, always true before a ".",
+# so every "." not followed by a digit goes ("5." -> "5"), whatever precedes it.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+# sic: the official call is periodStrip.sub("", text, re.UNICODE), which passes re.UNICODE (32) as `count`.
+_OFFICIAL_SUB_COUNT = 32
 
 
 def process_punctuation(text: str) -> str:
-    """The official ``processPunctuation`` (see the module docstring)."""
+    """The official ``processPunctuation``: for each character of :data:`PUNCTUATION` in order, delete
+    every occurrence if the *original* text has it next to a space or has a comma between two digits
+    anywhere (so "1,000 red-blue" -> "1000 redblue"), otherwise turn every occurrence into a space;
+    then remove the periods not followed by a digit (the first 32 of them)."""
     out = text
     comma_between_digits = _COMMA_STRIP.search(text) is not None
     for p in PUNCTUATION:
@@ -93,39 +96,81 @@ def process_punctuation(text: str) -> str:
     return _PERIOD_STRIP.sub("", out, count=_OFFICIAL_SUB_COUNT)
 
 
+def _py2_lower(text: str) -> str:
+    # py2 unicode.lower() maps each character on its own: no final-sigma rule ("ΟΣ" -> "οσ", not "ος")
+    # and U+0130 -> "i" (Python 3 gives "i" + U+0307).
+    if text.isascii():
+        return text.lower()
+    return "".join("i" if c == "\u0130" else c.lower() for c in text)
+
+
 def process_digit_article(text: str) -> str:
-    """The official ``processDigitArticle``: lower-case, number words to digits, no articles,
-    contractions restored."""
-    words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    """The official ``processDigitArticle``: lower-case, split on whitespace, number words to digits,
+    then drop the articles (so "a one" -> "1"), then restore the contractions, joined by single spaces."""
+    words = [MANUAL_MAP.get(w, w) for w in _py2_lower(text).split()]
     words = [w for w in words if w not in ARTICLES]
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+def _clean(text: str) -> str:
+    """The step every answer and prediction gets, normalised or not."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(answer: str) -> str:
-    """A predicted answer as the official evaluation compares it."""
-    return process_digit_article(process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()))
+    """An answer as the official evaluation compares it when the human answers disagree."""
+    return process_digit_article(process_punctuation(_clean(answer)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """The official accuracy (0..1) of one predicted answer against the human answers."""
-    if isinstance(answers, str) or not answers:
+def _answer_text(answer) -> str:
+    text = answer.get("answer") if isinstance(answer, Mapping) else answer
+    if not isinstance(text, str):
+        raise SmolVLMError(f"a human answer must be a string or an {{\"answer\": string}} object, not {answer!r}")
+    return text
+
+
+def vqa_accuracy(prediction: str, answers: Sequence) -> float:
+    """The official accuracy (0..1) of one predicted answer against the human answers: strings (all
+    distinct for the leave-one-out, as VQA's answers with their ``answer_id``), or the official answer
+    dicts (``{"answer": ..., "answer_id": ...}``; dicts equal after normalisation are left out together)."""
+    if isinstance(answers, str | Mapping) or not answers:
         raise SmolVLMError("a VQA question needs a non-empty list of human answers to score a prediction")
-    pred = normalize_answer(prediction)
-    gts = list(answers)
+    if not isinstance(prediction, str):
+        raise SmolVLMError(f"a predicted answer must be a string, not {type(prediction).__name__}")
+    gts = [_clean(_answer_text(a)) for a in answers]
+    pred = _clean(prediction)
     if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
-    total = sum(1 for a in gts if a == pred)
-    accs = []
-    for a in gts:
-        matches = total - (1 if a == pred else 0)  # the others, with this answer left out
-        accs.append(min(1, float(matches) / 3))
-    return float(sum(accs)) / len(accs)
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        pred = process_digit_article(process_punctuation(pred))
+    n = len(gts)
+    hits = [a == pred for a in gts]
+    # keys[i] == keys[j] exactly when the official code's answer dicts i and j compare equal (it
+    # replaces each dict's "answer" by the processed text before comparing).
+    if all(isinstance(a, Mapping) for a in answers):
+        ids = [a.get("answer_id") for a in answers]
+        if all(isinstance(i, Hashable) and i is not None for i in ids) and len(set(ids)) == n:
+            keys = list(range(n))  # distinct answer_ids: every dict differs (the VQA files)
+        else:
+            keys = [{**a, "answer": g} for a, g in zip(answers, gts, strict=True)]
+    else:
+        keys = list(range(n))
+    total = 0.0
+    for i in range(n):
+        matches = sum(1 for j in range(n) if hits[j] and keys[j] != keys[i])
+        # Added one by one as the official sum() does (Python >= 3.12's sum() of floats compensates).
+        total += min(1.0, matches / 3)
+    return total / n
+
+
+def official_round(x: float, digits: int = 2) -> float:
+    """py2 ``round``: the exact binary value rounded to `digits` decimals, ties away from zero."""
+    return float(Decimal(x).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
 
 @dataclass
 class VQAResult:
     """Unrounded accuracies in 0..1: ``overall``, by answer type, by question type, by question id,
-    plus the number of questions of each type (needed to reproduce the official rounding)."""
+    plus the sums and counts behind them (needed to reproduce the official rounding)."""
 
     overall: float
     per_answer_type: dict[str, float]
@@ -134,27 +179,37 @@ class VQAResult:
     _sums: dict = field(default_factory=dict, repr=False)
 
     def official(self, digits: int = 2) -> dict:
-        """The official ``accuracy`` dict: percentages rounded as ``round(100 * sum / count, 2)``."""
+        """The official ``accuracy`` dict: percentages computed as ``round(100 * sum / count, 2)``
+        (py2 rounding)."""
         overall_sum, count = self._sums["overall"]
         return {
-            "overall": round(100 * float(overall_sum) / count, digits),
-            "perQuestionType": {t: round(100 * float(s) / c, digits) for t, (s, c) in self._sums["qtype"].items()},
-            "perAnswerType": {t: round(100 * float(s) / c, digits) for t, (s, c) in self._sums["atype"].items()},
+            "overall": official_round(100 * overall_sum / count, digits),
+            "perQuestionType": {t: official_round(100 * s / c, digits) for t, (s, c) in self._sums["qtype"].items()},
+            "perAnswerType": {t: official_round(100 * s / c, digits) for t, (s, c) in self._sums["atype"].items()},
         }
+
+    def official_per_question(self, digits: int = 2) -> dict:
+        """The official ``evalQA``: each question's accuracy as ``round(100 * acc, 2)``."""
+        return {qid: official_round(100 * acc, digits) for qid, acc in self.per_question.items()}
+
+
+def _question_fields(q) -> tuple:
+    if isinstance(q, Mapping):
+        if "question_id" not in q:
+            raise SmolVLMError("every VQA annotation needs a question_id")
+        answers = q.get("answers")
+        if not isinstance(answers, list):
+            raise SmolVLMError(f"question {q['question_id']}: 'answers' must be a list of human answers")
+        return q["question_id"], answers, q.get("answer_type"), q.get("question_type")
+    return q.question_id, list(q.answers), q.answer_type, q.question_type
 
 
 def evaluate_vqa(predictions: Mapping[Hashable, str], questions: Iterable) -> VQAResult:
-    """Score `predictions` (question id -> answer) on `questions`: objects with ``question_id``,
-    ``answers`` (list of strings), ``answer_type`` and ``question_type`` attributes, or dicts in the
-    official annotation format (``answers`` as ``[{"answer": ...}, ...]``). Every question must have
-    a prediction and every prediction a question (as the official evaluation asserts)."""
-    items = []
-    for q in questions:
-        if isinstance(q, Mapping):
-            answers = [a["answer"] if isinstance(a, Mapping) else a for a in q.get("answers", [])]
-            items.append((q["question_id"], answers, q.get("answer_type"), q.get("question_type")))
-        else:
-            items.append((q.question_id, list(q.answers), q.answer_type, q.question_type))
+    """Score `predictions` (question id -> answer) on `questions`: the official annotations (dicts with
+    ``question_id``, ``answers`` as ``[{"answer": ..., "answer_id": ...}, ...]`` or strings,
+    ``answer_type``, ``question_type``) or objects with those attributes (answers as strings). Every
+    question must have a prediction and every prediction a question (as the official evaluation needs)."""
+    items = [_question_fields(q) for q in questions]
     ids = [i[0] for i in items]
     if len(set(ids)) != len(ids):
         raise SmolVLMError("the annotations list some question ids more than once; each question must appear once")
@@ -181,9 +236,12 @@ def evaluate_vqa(predictions: Mapping[Hashable, str], questions: Iterable) -> VQ
             raise SmolVLMError(f"the answer for question {qid} must be a string, not {type(pred).__name__}")
         if not answers:
             raise SmolVLMError(f"question {qid} has no human answers to score against (a test split?)")
-        acc = vqa_accuracy(pred, answers)
+        try:
+            acc = vqa_accuracy(pred, answers)
+        except SmolVLMError as exc:
+            raise SmolVLMError(f"question {qid}: {exc}") from None
         per_question[qid] = acc
-        acc_sum += acc
+        acc_sum += acc  # one by one, in order, like the official sum(accQA)
         for table, key in ((qtype, question_type), (atype, answer_type)):
             entry = table.setdefault(key, [0.0, 0])
             entry[0] += acc
