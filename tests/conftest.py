@@ -10,7 +10,7 @@ import torch
 from reference import make_hf_smolvlm
 from smolvlm.special_tokens import smolvlm_added_tokens
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # sources and licences: fixtures/README.md
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from conftest import SHARED_FIXTURES
+from conftest import FIXTURES
 from smolvlm.cli import main
 
-CAPTIONS = SHARED_FIXTURES / "caption-metrics"
-V = SHARED_FIXTURES / "vision-formats"
+CAPTIONS = FIXTURES / "caption-metrics"
+V = FIXTURES / "vision-formats"
 FAST = ["--limit", "2", "--max-new-tokens", "3", "--batch-size", "4", "--threads", "1", "--no-progress", "--json"]
 
 

@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SHARED_FIXTURES
+from conftest import FIXTURES
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.accuracy import gqa_accuracy, nlvr2_accuracy, normalize_short_answer
 from smolvlm.eval.caption_metrics import bleu, cider_d, cider_d_tokenized, lcs_length, rouge_l, score_captions
 from smolvlm.eval.ptb_tokenizer import PUNCTUATIONS, tokenize_captions
 from smolvlm.eval.retrieval import retrieval_recall
 
-CAPTIONS = SHARED_FIXTURES / "caption-metrics"
+CAPTIONS = FIXTURES / "caption-metrics"
 # Published in the fixture's README (pycocoevalcap with the Java PTB tokenizer).
 PUBLISHED = {
     "good_captions.json": {"BLEU-1": 0.6667, "BLEU-2": 0.4899, "BLEU-3": 0.3469, "BLEU-4": 0.0000,

@@ -1,14 +1,14 @@
-"""The benchmark readers on real files in their original formats (../shared/fixtures/vision-formats)."""
+"""The benchmark readers on real files in their original formats (tests/fixtures/vision-formats)."""
 
 import json
 
 import pytest
 
-from conftest import SHARED_FIXTURES
+from conftest import FIXTURES
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval import readers
 
-V = SHARED_FIXTURES / "vision-formats"
+V = FIXTURES / "vision-formats"
 IMAGES = V / "images"
 
 
@@ -53,12 +53,12 @@ def test_visual_entailment_and_vgqa():
 
 
 def test_coco_captions_and_karpathy(tmp_path):
-    refs = json.loads((SHARED_FIXTURES / "caption-metrics/refs.json").read_text())
+    refs = json.loads((FIXTURES / "caption-metrics/refs.json").read_text())
     coco = {"images": [{"id": 1, "file_name": "image1.jpg"}, {"id": 2, "file_name": "image2.jpg"}],
             "annotations": [{"id": i, "image_id": 1 + k, "caption": c}
                             for k, key in enumerate(refs) for i, c in enumerate(refs[key])]}
     (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
-    exs = readers.read_coco_captions(tmp_path / "captions_val2014.json", SHARED_FIXTURES / "caption-metrics/images")
+    exs = readers.read_coco_captions(tmp_path / "captions_val2014.json", FIXTURES / "caption-metrics/images")
     assert [e.captions for e in exs] == list(refs.values()) and not readers.missing_images(exs)
     karpathy = {"images": [{"filename": "4945942737.jpg", "split": "test", "imgid": 0,
                             "sentences": [{"raw": "A girl sits by the water.", "tokens": []}]},

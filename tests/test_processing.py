@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import SHARED_FIXTURES
+from conftest import FIXTURES
 from smolvlm.errors import SmolVLMError
 from smolvlm.processing import (
     SMOLVLM_CHAT_TEMPLATE,
@@ -26,7 +26,7 @@ from smolvlm.processing import (
     open_image,
 )
 
-IMAGES = SHARED_FIXTURES / "vision-formats" / "images"
+IMAGES = FIXTURES / "vision-formats" / "images"
 PHOTO_JPEG = IMAGES / "vqav2" / "COCO_val2014_000000262148.jpg"  # 640x512
 PHOTO_TALL = IMAGES / "gqa" / "2400861.jpg"  # 316x500
 PHOTO_BIG = IMAGES / "nlvr2" / "test1-0-2-img0.png"  # a 1500x1000 JPEG despite its name
