@@ -24,10 +24,13 @@ $(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install -q -e ".[train]"
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+# Everything the tests compare against is installed here: under CI (CI=true) a missing one fails the run.
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[test]"
 	# the chat page test drives Debian's chromium through Playwright (no Playwright browser download)
 	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	# pycocoevalcap's official METEOR and PTB tokenizer are Java jars
+	command -v java >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q default-jre-headless)
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,7 +45,7 @@ lint: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 clean:
 	rm -rf $(VENV) demo-out build dist src/*.egg-info .pytest_cache .ruff_cache
