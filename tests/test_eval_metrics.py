@@ -1,10 +1,8 @@
 """The evaluation metrics against published official scores, the official code's rules and the
 official scorers themselves (pycocoevalcap + Java, when installed)."""
 
-import importlib.util
 import json
 import random
-import shutil
 import subprocess
 
 import numpy as np
@@ -27,8 +25,7 @@ PUBLISHED = {
     "bad_captions.json": {"BLEU-1": 0.4815, "BLEU-2": 0.2404, "BLEU-3": 0.1359, "BLEU-4": 0.0000,
                           "METEOR": 0.1861, "ROUGE-L": 0.3121, "CIDEr": 0.2790},
 }
-HAVE_OFFICIAL = shutil.which("java") is not None and importlib.util.find_spec("pycocoevalcap") is not None
-needs_official = pytest.mark.skipif(not HAVE_OFFICIAL, reason="needs Java and pycocoevalcap (the meteor extra)")
+needs_official = pytest.mark.usefixtures("official_scorer")  # Java + pycocoevalcap; a failure under CI if missing
 
 
 # ------------------------------------------------------------------------------------------ captions

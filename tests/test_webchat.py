@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import require
 from serve_harness import Server, png_bytes, user
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -29,8 +30,7 @@ def server(tiny_hf_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; make test does this)")
+    require("chromium", CHROMIUM.exists())
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
