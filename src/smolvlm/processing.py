@@ -56,7 +56,8 @@ MAX_IMAGE_SIZE = 4096  # transformers caps any resize at 4k per side
 
 @dataclass
 class ImageProcessingConfig:
-    """Mirrors the preprocessor_config.json of SmolVLM checkpoints (defaults: SmolVLM-256M)."""
+    """Mirrors the image processor settings of SmolVLM checkpoints (preprocessor_config.json, or the "image_processor"
+    entry of processor_config.json in the layout transformers 5.x saves; defaults: SmolVLM-256M)."""
 
     do_convert_rgb: bool = True
     do_resize: bool = True
@@ -72,25 +73,51 @@ class ImageProcessingConfig:
     do_pad: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict) -> ImageProcessingConfig:
-        """From a preprocessor_config.json dict; keys that don't change the pixels are ignored."""
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known and v is not None}
+    def from_dict(cls, d: dict, source: str = "preprocessor config") -> ImageProcessingConfig:
+        """From an image processor dict (preprocessor_config.json, or processor_config.json's "image_processor"
+        entry); keys that don't change the pixels are ignored. source names the file in error messages."""
+        if not isinstance(d, dict):
+            raise SmolVLMError(f"{source} should be a JSON object, got {type(d).__name__}")
+
+        def bad(key: str, v: Any, want: str) -> SmolVLMError:
+            return SmolVLMError(f"{source}: {key}={json.dumps(v, default=str)} is not supported; {want}")
+
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            v = d.get(f.name)
+            if f.name.startswith("do_") and v is not None:
+                if not isinstance(v, bool):
+                    raise bad(f.name, v, "expected true or false")
+                kw[f.name] = v
         for key, out in (("size", "longest_edge"), ("max_image_size", "max_image_size")):
             v = d.get(key)
             if isinstance(v, dict):
                 if "longest_edge" not in v:
-                    raise SmolVLMError(f"preprocessor config {key}={v} is not supported; SmolVLM needs "
-                                       f'{{"longest_edge": N}}')
-                kw[out] = v["longest_edge"]
-            elif isinstance(v, int):
-                kw[out] = v
+                    raise bad(key, v, 'SmolVLM needs {"longest_edge": N}')
+                v = v["longest_edge"]
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:  # bool is an int to Python
+                raise bad(key, d[key], 'expected {"longest_edge": N} with N a positive integer')
+            kw[out] = v
+        if d.get("resample") is not None:
+            v = d["resample"]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 5:
+                raise bad("resample", v, "expected a PIL resampling filter number, 0 to 5")
+            kw["resample"] = v
+        if d.get("rescale_factor") is not None:
+            v = d["rescale_factor"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad("rescale_factor", v, "expected a number")
+            kw["rescale_factor"] = float(v)
         for key in ("image_mean", "image_std"):  # a single number means the same for the 3 channels
-            if key in kw:
-                v = kw[key]
-                kw[key] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3
-                if len(kw[key]) != 3:
-                    raise SmolVLMError(f"preprocessor config {key}={v} must have 3 values (RGB)")
+            v = d.get(key)
+            if v is None:
+                continue
+            values = v if isinstance(v, (list, tuple)) else [v] * 3
+            if len(values) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+                raise bad(key, v, "expected 3 numbers (RGB) or one number")
+            kw[key] = tuple(float(x) for x in values)
         cfg = cls(**kw)
         cfg.check()
         return cfg
@@ -322,6 +349,49 @@ def _read_json(path: Path) -> dict:
     return d
 
 
+PROCESSOR_CONFIG, PREPROCESSOR_CONFIG = "processor_config.json", "preprocessor_config.json"
+# processor_config.json keys read into the processor itself; any others (e.g. "video_processor") are kept as they are
+PROCESSOR_KEYS = ("image_processor", "image_seq_len", "processor_class", "chat_template")
+
+
+def read_image_config(folder: Path, proc_cfg: dict, model_cfg: dict) -> tuple[ImageProcessingConfig | None, int]:
+    """The image settings and image_seq_len from either layout transformers writes: 5.x nests the image processor
+    in processor_config.json ("image_processor"; it wins over preprocessor_config.json, as in transformers), 4.x
+    wrote preprocessor_config.json beside a processor_config.json holding image_seq_len. (None, 0): text-only."""
+    proc_path, pre_path = folder / PROCESSOR_CONFIG, folder / PREPROCESSOR_CONFIG
+    if proc_cfg.get("image_processor") is not None:
+        image_config = ImageProcessingConfig.from_dict(proc_cfg["image_processor"], f'{proc_path} "image_processor"')
+    elif pre_path.is_file():
+        image_config = ImageProcessingConfig.from_dict(_read_json(pre_path), str(pre_path))
+    elif "vision_config" in model_cfg:
+        raise SmolVLMError(f"{folder} holds a vision model but no image processor settings (no {PREPROCESSOR_CONFIG} "
+                           f'and no "image_processor" in {PROCESSOR_CONFIG}); copy them from the original checkpoint')
+    else:
+        return None, 0
+    image_seq_len = proc_cfg.get("image_seq_len")
+    if image_seq_len is None:  # older checkpoints: from the model config, as SmolVLM computes it
+        vc = model_cfg.get("vision_config") or {}
+        if not all(k in vc for k in ("image_size", "patch_size")) or "scale_factor" not in model_cfg:
+            raise SmolVLMError(f"{folder} has no processor_config.json with image_seq_len and no "
+                               "config.json to compute it from; add processor_config.json")
+        image_seq_len = (vc["image_size"] // vc["patch_size"]) ** 2 // model_cfg["scale_factor"] ** 2
+    elif isinstance(image_seq_len, bool) or not isinstance(image_seq_len, int) or image_seq_len <= 0:
+        raise SmolVLMError(f"{proc_path}: image_seq_len={json.dumps(image_seq_len)} should be a positive integer "
+                           "(image tokens per tile)")
+    return image_config, image_seq_len
+
+
+def processor_config_dict(image_config: ImageProcessingConfig, image_seq_len: int, extra: dict) -> dict:
+    """processor_config.json as transformers 5.x writes it: the image processor nested, a video processor beside
+    it (the loaded one, else one with the image settings: what transformers derives from preprocessor_config.json
+    when the entry is missing), image_seq_len. extra: the loaded file's other keys, written back unchanged."""
+    image = {k: v for k, v in image_config.to_dict().items() if k != "processor_class"}
+    video = {k: v for k, v in image.items() if k not in ("do_image_splitting", "image_processor_type")}
+    video["video_processor_type"] = "SmolVLMVideoProcessor"
+    return {"video_processor": video, **extra, "image_processor": image, "image_seq_len": image_seq_len,
+            "processor_class": "SmolVLMProcessor"}
+
+
 class Processor:
     """Tokenizer + SmolVLM image processing + chat template; `processor(text, images)` gives the model's
     inputs. `image_config` is None for a text-only model."""
@@ -353,6 +423,7 @@ class Processor:
         self.chat_template = chat_template
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.tokenizer_config = dict(tokenizer_config or {})  # other fields, written back by save_pretrained
+        self.processor_config_extra: dict = {}  # processor_config.json's other keys (a video processor), likewise
 
         def first_known(*candidates):
             return next((t for t in candidates if t is not None and tokenizer.token_to_id(t) is not None), None)
@@ -389,7 +460,8 @@ class Processor:
     def from_pretrained(cls, folder: str | Path) -> Processor:
         """Read tokenizer.json, tokenizer_config.json, the chat template (processor_config.json's
         "chat_template", chat_template.json, chat_template.jinja, tokenizer_config.json, in transformers'
-        order of precedence), preprocessor_config.json and processor_config.json (image_seq_len)."""
+        order of precedence), and the image settings and image_seq_len from processor_config.json and/or
+        preprocessor_config.json (read_image_config)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise SmolVLMError(f"{folder} is not a folder; pass a checkpoint folder with tokenizer.json")
@@ -408,29 +480,24 @@ class Processor:
         specials = {k: _token_str(tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         _apply_transformers_tokenizer_fixups(tokenizer, tok_cfg, specials)
 
-        chat_template = proc_cfg.get("chat_template")
+        chat_template, template_file = proc_cfg.get("chat_template"), PROCESSOR_CONFIG
         if chat_template is None and (folder / "chat_template.json").is_file():
-            chat_template = _read_json(folder / "chat_template.json").get("chat_template")
+            chat_template, template_file = _read_json(folder / "chat_template.json").get("chat_template"), \
+                "chat_template.json"
         if chat_template is None and (folder / "chat_template.jinja").is_file():
             chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         if chat_template is None:
-            chat_template = tok_cfg.get("chat_template")
+            chat_template, template_file = tok_cfg.get("chat_template"), "tokenizer_config.json"
         if isinstance(chat_template, list):  # the old named-templates format
+            if not all(isinstance(t, dict) and {"name", "template"} <= set(t) for t in chat_template):
+                raise SmolVLMError(f"{folder / template_file}: chat_template should be a Jinja template string or "
+                                   'a list of {"name": ..., "template": ...}')
             chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise SmolVLMError(f"{folder / template_file}: chat_template should be a Jinja template string, "
+                               f"got {type(chat_template).__name__}")
 
-        image_config, image_seq_len = None, 0
-        if (folder / "preprocessor_config.json").is_file():
-            image_config = ImageProcessingConfig.from_dict(_read_json(folder / "preprocessor_config.json"))
-            image_seq_len = proc_cfg.get("image_seq_len")
-            if image_seq_len is None:  # older checkpoints: from the model config, as SmolVLM computes it
-                vc = model_cfg.get("vision_config") or {}
-                if not all(k in vc for k in ("image_size", "patch_size")) or "scale_factor" not in model_cfg:
-                    raise SmolVLMError(f"{folder} has no processor_config.json with image_seq_len and no "
-                                       "config.json to compute it from; add processor_config.json")
-                image_seq_len = (vc["image_size"] // vc["patch_size"]) ** 2 // model_cfg["scale_factor"] ** 2
-        elif "vision_config" in model_cfg:
-            raise SmolVLMError(f"{folder} holds a vision model but no preprocessor_config.json; "
-                               "copy it from the original checkpoint")
+        image_config, image_seq_len = read_image_config(folder, proc_cfg, model_cfg)
 
         proc = cls(
             tokenizer, image_config, image_seq_len, chat_template=chat_template,
@@ -439,6 +506,8 @@ class Processor:
             clean_up_tokenization_spaces=bool(tok_cfg.get("clean_up_tokenization_spaces", False)),
             tokenizer_config=tok_cfg,
         )
+        if image_config is not None:
+            proc.processor_config_extra = {k: v for k, v in proc_cfg.items() if k not in PROCESSOR_KEYS}
         extra = gen_cfg.get("eos_token_id")
         for i in extra if isinstance(extra, list) else [extra]:
             if isinstance(i, int) and i not in proc.eos_token_ids:
@@ -446,8 +515,9 @@ class Processor:
         return proc
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """tokenizer.json, tokenizer_config.json, chat_template.jinja, and for a vision model
-        preprocessor_config.json and processor_config.json, as transformers lays them out."""
+        """tokenizer.json, tokenizer_config.json, chat_template.jinja, and for a vision model both image layouts:
+        preprocessor_config.json (what transformers 4.x reads) and processor_config.json with the image processor
+        nested (what 5.x writes and reads first), so that either version loads the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(folder / "tokenizer.json"))
@@ -468,9 +538,9 @@ class Processor:
             if (folder / "chat_template.json").exists():  # the legacy file wins in transformers; keep it in sync
                 (folder / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}))
         if self.has_vision:
-            (folder / "preprocessor_config.json").write_text(json.dumps(self.image_config.to_dict(), indent=2) + "\n")
-            proc = {"image_seq_len": self.image_seq_len, "processor_class": "SmolVLMProcessor"}
-            (folder / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+            (folder / PREPROCESSOR_CONFIG).write_text(json.dumps(self.image_config.to_dict(), indent=2) + "\n")
+            proc = processor_config_dict(self.image_config, self.image_seq_len, self.processor_config_extra)
+            (folder / PROCESSOR_CONFIG).write_text(json.dumps(proc, indent=2, sort_keys=True) + "\n")
 
     # -- images -------------------------------------------------------------------------------------
 
