@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from smolvlm.demo import normalize_answer, vqa_scores
+from smolvlm.demo import (
+    BLIND_STEP_COST,
+    RESERVE_STEPS,
+    normalize_answer,
+    plan_steps,
+    scale_stages,
+    vqa_scores,
+)
 from smolvlm.errors import SmolVLMError
 
 
@@ -23,6 +30,49 @@ def test_vqa_scores_per_type():
     s = vqa_scores(rows, ["Red.", "3", "yes"])
     assert s["accuracy"] == pytest.approx(2 / 3)
     assert s["per_type"] == {"color": 1.0, "count": 0.5}
+
+
+def _plan_seconds(plan, seconds_per_step):
+    return (plan.steps + BLIND_STEP_COST * plan.blind_steps + RESERVE_STEPS) * seconds_per_step
+
+
+def test_plan_keeps_the_preset_steps_when_they_fit():
+    plan = plan_steps(1800, 0.25, 590.0)
+    assert (plan.steps, plan.blind_steps, plan.configured) == (1800, 400, 1800)
+
+
+def test_plan_trains_fewer_steps_on_a_slower_cpu_and_fits_the_budget():
+    plan = plan_steps(1800, 0.33, 590.0)
+    assert 450 <= plan.steps < 1800 and plan.blind_steps == 400
+    assert _plan_seconds(plan, 0.33) <= 590.0  # fits...
+    bigger = type(plan)(plan.steps + 1, min(400, (plan.steps + 1) // 2), 1800, 0.33)
+    assert _plan_seconds(bigger, 0.33) > 590.0  # ...and is the longest that does
+    # the blind baseline follows the model's steps (half, at most 400) unless it is given
+    short = plan_steps(1800, 0.5, 600.0)
+    assert short.blind_steps == short.steps // 2 < 400 and _plan_seconds(short, 0.5) <= 600.0
+    assert plan_steps(1800, 0.5, 600.0, blind_steps=10).blind_steps == 10
+
+
+def test_plan_refuses_a_budget_that_buys_almost_nothing():
+    with pytest.raises(SmolVLMError, match="raise --minutes or pass --minutes 0"):
+        plan_steps(1800, 0.33, 120.0)
+
+
+def test_scale_stages_keeps_proportions_and_warmups():
+    from smolvlm.train import Stage
+
+    stages = scale_stages([Stage(name="a", steps=1200, warmup_steps=50), Stage(name="b", steps=600,
+                                                                             warmup_steps=700)], 900)
+    assert [s.steps for s in stages] == [600, 701] and [s.warmup_steps for s in stages] == [50, 700]
+
+
+@pytest.mark.parametrize("args, message", [(["--minutes", "-1"], "--minutes must be >= 0"),
+                                           (["--blind-steps", "0"], "--blind-steps must be >= 1")])
+def test_demo_refuses_bad_options_in_one_line(tmp_path, args, message):
+    p = subprocess.run([sys.executable, "-m", "smolvlm.cli", "demo", "--out", str(tmp_path / "o"), "--preset",
+                        "test-tiny", *args], capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +95,9 @@ def test_demo_writes_what_it_promises(demo_dir):
         assert 0.0 <= metrics[key] <= 1.0
     assert set(metrics["per_type"]) == {"color", "shape", "count", "exist", "relation", "compare"}
     assert metrics["caption_cider"] >= 0.0 and metrics["wall_s"] > 0
+    # the default 10-minute budget probed this CPU and kept all of test-tiny's 8 steps; the probe left no run behind
+    assert metrics["probe_s_per_step"] > 0 and metrics["train_steps"] == metrics["preset_steps"] == 8
+    assert not (out / "runs" / "probe").exists() and metrics["blind_train_steps"] == 3
     lines = (out / "data" / "test" / "questions.jsonl").read_text().splitlines()
     assert len(lines) == 48
     first = json.loads(lines[0])

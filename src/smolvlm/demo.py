@@ -1,6 +1,8 @@
 """`smolvlm demo`: the whole pipeline on a laptop CPU, offline, in minutes.
 
     shapes world -> DIR/data/{test,compositional}/ (images + questions.jsonl + captions.jsonl)
+    time budget (--minutes, default 10): a few probe steps time this CPU; the model's steps are the preset's,
+        or fewer when the whole demo would not fit the budget at that speed (plan_steps)
     train the demo model from scratch (DIR/runs/main) -> DIR/model (a SmolVLM checkpoint)
     train a text-only ("blind") baseline on the same questions (DIR/runs/blind)
     evaluate both on held-out questions -> DIR/metrics.json, DIR/*.png, DIR/report.md, a table
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -171,8 +174,10 @@ def write_report(out: Path, metrics: dict, samples: list[dict], plots: list[str]
     lines = [
         "# smolvlm demo report", "",
         f"Model: `{out / 'model'}` ({metrics['params'] / 1e6:.1f}M parameters), trained from scratch for "
-        f"{metrics['train_steps']} steps in {metrics['train_s']:.0f} s on this CPU; the blind (text-only) "
-        f"baseline for {metrics['blind_train_steps']} steps.", "",
+        f"{metrics['train_steps']} steps in {metrics['train_s']:.0f} s on this CPU"
+        + (f" (of the preset's {metrics['preset_steps']}: what the {metrics['budget_minutes']:g}-minute budget buys "
+           f"at {metrics['probe_s_per_step']:.3f} s/step)" if metrics["train_steps"] < metrics["preset_steps"] else "")
+        + f"; the blind (text-only) baseline for {metrics['blind_train_steps']} steps.", "",
         "| | model | blind baseline |", "|---|---|---|",
         f"| VQA accuracy (test, {metrics['n_test_questions']} questions) | {metrics['vqa_accuracy']:.3f} | "
         f"{metrics['blind_vqa_accuracy']:.3f} |",
@@ -197,11 +202,78 @@ def write_report(out: Path, metrics: dict, samples: list[dict], plots: list[str]
 
 
 BLIND_STEPS = 400  # at most; half the model's steps when that is fewer
+DEMO_MINUTES = 10.0  # the whole demo's wall-clock budget by default (`make demo`'s bar)
+# What the demo costs besides the model's own steps, in units of one model step on the same CPU (measured on
+# the full demo: a blind step costs 0.8 of a seeing one, evaluating both models and saving ~155 steps' time);
+# they turn one probe's speed into a plan for the whole demo.
+BLIND_STEP_COST = 0.8
+RESERVE_STEPS = 160
+PROBE_STEPS = 10  # timed steps, after one untimed (it pays one-off costs)
+MIN_STEP_SHARE = 0.25  # a budget that buys fewer of the preset's steps than this is refused, not run
+
+
+def default_blind_steps(main_steps: int) -> int:
+    return min(BLIND_STEPS, max(50, main_steps // 2))
+
+
+@dataclasses.dataclass
+class StepPlan:
+    steps: int  # the model's training steps
+    blind_steps: int
+    configured: int  # the preset's steps
+    seconds_per_step: float  # probed; 0 = not probed (no budget)
+
+
+def plan_steps(configured: int, seconds_per_step: float, seconds_left: float,
+               blind_steps: int | None = None) -> StepPlan:
+    """The most model steps, up to the preset's, for which the model, the blind baseline (default_blind_steps
+    unless given) and evaluation fit in seconds_left at seconds_per_step. Raises when that is fewer than
+    MIN_STEP_SHARE of the preset's steps (a demo that short would show nothing)."""
+    affordable = seconds_left / max(seconds_per_step, 1e-9) - RESERVE_STEPS  # in model steps
+
+    def cost(n: int) -> float:
+        return n + BLIND_STEP_COST * (blind_steps if blind_steps is not None else default_blind_steps(n))
+
+    n = configured
+    if cost(n) > affordable:  # cost is increasing in n: bisect for the largest n that fits
+        lo, hi = 0, configured
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= affordable else (lo, mid - 1)
+        n = lo
+    if n < MIN_STEP_SHARE * configured:
+        need = (cost(math.ceil(MIN_STEP_SHARE * configured)) + RESERVE_STEPS) * seconds_per_step / 60
+        raise SmolVLMError(f"the time budget leaves {max(0.0, seconds_left) / 60:.1f} min, and this CPU trains at "
+                           f"{seconds_per_step:.2f} s/step: even a short demo needs ~{need:.0f} min; raise --minutes "
+                           "or pass --minutes 0 (the preset's steps, however long they take)")
+    return StepPlan(n, blind_steps if blind_steps is not None else default_blind_steps(n), configured,
+                    seconds_per_step)
+
+
+def probe_seconds_per_step(cfg, folder: Path) -> float:
+    """This CPU's seconds per training step of cfg, timed on PROBE_STEPS steps after the curriculum (its first
+    steps are shorter sequences than the rest) in a scratch run folder, removed afterwards."""
+    from smolvlm.train import read_metrics, train
+
+    probe = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, curriculum_steps=0), checkpoint_every=0,
+                                max_minutes=0.0)
+    try:
+        train(probe, folder, max_steps=PROBE_STEPS + 1, progress=False)
+        rows = read_metrics(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / max(1, len(rows) - 1)
+
+
+def scale_stages(stages: list, steps: int) -> list:
+    """The stages rescaled to `steps` in all, same proportions; each keeps its warmup and at least one more step."""
+    scale = steps / sum(s.steps for s in stages)
+    return [dataclasses.replace(s, steps=max(s.warmup_steps + 1, round(s.steps * scale))) for s in stages]
 
 
 def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] | None = None,
              blind_steps: int | None = None, test_images: int = 300, compositional_images: int = 100,
-             force: bool = False, progress: bool = True) -> dict:
+             force: bool = False, progress: bool = True, minutes: float = DEMO_MINUTES) -> dict:
     from smolvlm.checkpoint import load
     from smolvlm.data.shapes import ShapesWorld, WorldConfig
     from smolvlm.train import Stage, resolve_config, train
@@ -211,12 +283,29 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     cfg = resolve_config(preset, None, overrides or [])
     if cfg.data.source != "shapes":
         raise SmolVLMError("the demo trains on the shapes world; leave data.source at 'shapes'")
+    if not math.isfinite(minutes) or minutes < 0:
+        raise SmolVLMError(f"--minutes must be >= 0 (0: no time budget), got {minutes}")
+    if blind_steps is not None and blind_steps < 1:
+        raise SmolVLMError(f"--blind-steps must be >= 1, got {blind_steps}")
     prepare_out(out, force)
 
     world = ShapesWorld(WorldConfig(**cfg.data.world), cfg.data.seed)
     data_dir = out / "data"
     world.export(data_dir, "test", test_images, questions_per_image=4, progress=progress)
     world.export(data_dir, "compositional", compositional_images, questions_per_image=4, progress=progress)
+
+    # a CPU too slow for the preset's steps within the budget (e.g. float32 where bf16 is not native) trains
+    # fewer; a fast one trains exactly the preset's, so its figures repeat from run to run. A config with its
+    # own max_minutes budgets itself.
+    plan = StepPlan(cfg.total_steps, blind_steps if blind_steps is not None else
+                    default_blind_steps(cfg.total_steps), cfg.total_steps, 0.0)
+    if minutes > 0 and cfg.max_minutes == 0:
+        speed = probe_seconds_per_step(cfg, out / "runs" / "probe")
+        plan = plan_steps(cfg.total_steps, speed, minutes * 60 - (time.time() - t_start), blind_steps)
+        print(f"this CPU: {speed:.3f} s/step; {plan.steps} of the preset's {plan.configured} steps fit the "
+              f"{minutes:g}-minute budget", file=sys.stderr)
+        if plan.steps < plan.configured:
+            cfg = dataclasses.replace(cfg, stages=scale_stages(cfg.stages, plan.steps))
 
     print(f"training {preset} ({cfg.total_steps} steps)", file=sys.stderr)
     main = train(cfg, out / "runs" / "main", progress=progress)
@@ -225,7 +314,7 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     # the blind baseline: same recipe and data, no images; it learns the answer priors quickly (its loss is
     # flat from ~400 steps: 0.415 over steps 400-499 and 500-599 of a 600-step run), so it stops at 400. No
     # curriculum: that only teaches looking, and a blind model must see the test-time question mix
-    n_blind = blind_steps if blind_steps is not None else min(BLIND_STEPS, max(50, cfg.total_steps // 2))
+    n_blind = plan.blind_steps
     blind_cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, blind=True, image_positions=False),
         data=dataclasses.replace(cfg.data, curriculum_steps=0),
@@ -256,6 +345,9 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
         "n_compositional_questions": seeing["compositional"]["n"],
         "params": seeing["params"],
         "train_steps": main.steps,
+        "preset_steps": plan.configured,
+        "probe_s_per_step": round(plan.seconds_per_step, 4),
+        "budget_minutes": minutes,
         "blind_train_steps": blind.steps,
         "train_s": round(main.wall_s, 1),
         "blind_train_s": round(blind.wall_s, 1),
@@ -287,6 +379,7 @@ def format_table(m: dict) -> str:
     rows += [(f"  {t}", f"{v:.3f}", f"{m['blind_per_type'][t]:.3f}") for t, v in m["per_type"].items()]
     rows += [("compositional", f"{m['compositional_accuracy']:.3f}", f"{m['blind_compositional_accuracy']:.3f}"),
              ("caption CIDEr-D", f"{m['caption_cider']:.3f}", "-"),
+             ("train steps", str(m["train_steps"]), str(m["blind_train_steps"])),
              ("train time (s)", f"{m['train_s']:.0f}", f"{m['blind_train_s']:.0f}")]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w}}  {b:>7}  {c:>7}" for a, b, c in rows)
@@ -304,6 +397,9 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     p.add_argument("--blind-steps", type=int, metavar="N",
                    help="blind baseline steps (default: half the model's, at most 400)")
+    p.add_argument("--minutes", type=float, default=DEMO_MINUTES, metavar="M",
+                   help="wall-clock budget of the whole demo: a slower CPU trains fewer of the preset's steps "
+                        "(default: %(default)s; 0 = the preset's steps however long they take)")
     p.add_argument("--test-images", type=int, default=300, metavar="N", help="test images (4 questions each)")
     p.add_argument("--force", action="store_true", help="replace an earlier demo in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -313,7 +409,7 @@ def add_parser(sub) -> None:
 
 def cmd_demo(args) -> int:
     m = run_demo(args.out, args.preset, args.overrides, args.blind_steps, args.test_images, force=args.force,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, minutes=args.minutes)
     if args.json:
         print(json.dumps(m, indent=2))
     else:
