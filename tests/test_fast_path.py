@@ -1,6 +1,6 @@
-"""The inference fast path against the plain one: fused q/k/v and gate/up (state dict unchanged, LoRA
-and training untouched), decode attention over the filled cache, bf16 matmul attention in the vision
-tower, oneDNN's packed linears there, batched tiles, the per-model cache of image embeddings."""
+"""runtime.prepare(model) against the plain model of models/: the Fast* classes keep the state dict, step aside
+under autograd, LoRA and dtype changes, and give the plain model's results at every CPU level this machine can
+run (SMOLVLM_CPU lowers the level; a level this CPU lacks is skipped), step by step through generation."""
 
 import pytest
 import torch
@@ -8,11 +8,13 @@ import torch.nn.functional as F
 
 from reference import prompt_ids
 from smolvlm.generation import SamplingParams, encode_images_cached, generate_ids
-from smolvlm.models import vision as vision_module
 from smolvlm.models import vlm as vlm_module
 from smolvlm.models.decoder import KVCache
 from smolvlm.models.vlm import VLM, preset
-from smolvlm.runtime.quantize import prepare_for_inference
+from smolvlm.runtime import cpu, modules
+from smolvlm.runtime.prepare import prepare
+
+LEVELS = list(cpu.LEVELS)
 
 
 def tiny(seed=0, dtype=torch.float32) -> VLM:
@@ -24,39 +26,62 @@ def tiny(seed=0, dtype=torch.float32) -> VLM:
     return model.to(dtype)
 
 
-def test_fusion_keeps_state_dict_and_logits():
-    plain, fused = tiny(), tiny()
-    before = {k: v.clone() for k, v in fused.state_dict().items()}
-    prepare_for_inference(fused)
-    after = fused.state_dict()
+@pytest.fixture(params=LEVELS)
+def level(request, monkeypatch):
+    """Each ISA level in turn, forced with SMOLVLM_CPU; levels above this CPU's are skipped."""
+    name = request.param
+    if LEVELS.index(name) > LEVELS.index(cpu.detected_level()):
+        pytest.skip(f"this CPU tops out at {cpu.detected_level()}, so level {name} cannot run here")
+    monkeypatch.setenv(cpu.ENV, name)
+    assert cpu.level() == name
+    return name
+
+
+def step_logits(model, ids, follow, pixels=None) -> torch.Tensor:
+    """Prefill ids (1, T) (with images), then feed `follow` (N,) one token at a time: every step's logits (N, V)
+    in float32, the first one the prefill's."""
+    with torch.inference_mode():
+        cache = KVCache(model.cfg.text, 1, ids.shape[1] + len(follow), model.dtype)
+        out = [model(ids, pixel_values=pixels, cache=cache, last_only=True)[0, -1]]
+        for tok in follow[:-1]:
+            out.append(model(tok.view(1, 1), cache=cache, last_only=True)[0, -1])
+    return torch.stack(out).float()
+
+
+def test_prepare_swaps_classes_and_keeps_state_dict_and_logits():
+    plain, fast = tiny(), tiny()
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    prepare(fast)
+    after = fast.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-    attn = fused.text_model.layers[0].self_attn
-    assert attn.__dict__["_fused"].intact(attn) and not attn.__dict__["_fused"].usable(attn)  # grad mode
+    block = fast.text_model.layers[0]
+    assert type(block.self_attn) is modules.FastAttention and type(block.mlp) is modules.FastMLP
+    assert type(fast.text_model) is modules.FastDecoder and type(fast.lm_head) is modules.FastLinear
+    assert type(fast.vision_model.encoder["layers"][0].self_attn) is modules.FastVisionAttention
+    assert block.self_attn.fused.intact(block.self_attn) and not block.self_attn.fused.usable(block.self_attn)
     ids, pixels = prompt_ids([2]), torch.randn(1, 2, 3, 32, 32)
     with torch.no_grad():
-        assert (fused(ids, pixel_values=pixels) - plain(ids, pixel_values=pixels)).abs().max() < 1e-5
+        assert (fast(ids, pixel_values=pixels) - plain(ids, pixel_values=pixels)).abs().max() < 1e-5
+    assert prepare(fast) is fast  # again: harmless
 
 
-def test_fused_model_still_trains_through_its_own_parameters():
-    model = prepare_for_inference(tiny())
+def test_prepared_model_still_trains_through_its_own_parameters():
+    model = prepare(tiny())
     q = model.text_model.layers[0].self_attn.q_proj
-    ids = prompt_ids([1])
-    loss = model(ids, pixel_values=torch.randn(1, 1, 3, 32, 32)).logsumexp(-1).mean()
+    loss = model(prompt_ids([1]), pixel_values=torch.randn(1, 1, 3, 32, 32)).logsumexp(-1).mean()
     loss.backward()
     assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
-    # an optimizer step (in place) moves the fused weight along with it
-    with torch.no_grad():
+    with torch.no_grad():  # an optimizer step (in place) moves the fused weight along with it
         q.weight -= 0.1 * q.weight.grad
-    fused = model.text_model.layers[0].self_attn.__dict__["_fused"]
+    fused = model.text_model.layers[0].self_attn.fused
     assert torch.equal(fused.weight[: q.weight.shape[0]], q.weight)
 
 
 def test_lora_wrapping_disables_fusion_and_is_used():
     from smolvlm.lora import LoRAConfig, add_lora
 
-    model = prepare_for_inference(tiny())
-    ids = prompt_ids([1])
-    pixels = torch.randn(1, 1, 3, 32, 32)
+    model = prepare(tiny())
+    ids, pixels = prompt_ids([1]), torch.randn(1, 1, 3, 32, 32)
     add_lora(model, LoRAConfig(rank=2, targets=["q_proj", "v_proj", "up_proj"]))
     for m in model.modules():
         if hasattr(m, "lora_B"):
@@ -64,7 +89,7 @@ def test_lora_wrapping_disables_fusion_and_is_used():
     with torch.no_grad():
         with_lora = model(ids, pixel_values=pixels)
         attn = model.text_model.layers[0].self_attn
-        assert not attn.__dict__["_fused"].intact(attn)
+        assert not attn.fused.intact(attn)
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 m.lora_B.weight.zero_()
@@ -72,98 +97,116 @@ def test_lora_wrapping_disables_fusion_and_is_used():
     assert (with_lora - without).abs().max() > 1e-3  # the adapters are really in the computation
 
 
-def test_dtype_change_after_fusion_falls_back_correctly():
-    model = prepare_for_inference(tiny())
+def test_dtype_change_after_prepare_falls_back_to_the_plain_projections():
+    model = prepare(tiny()).to(torch.bfloat16)
     ref = tiny().to(torch.bfloat16)
-    model = model.to(torch.bfloat16)
-    ids = prompt_ids([1])
-    pixels = torch.randn(1, 1, 3, 32, 32)
+    attn = model.text_model.layers[0].self_attn
+    assert not attn.fused.intact(attn)  # .to() made new weights: the fused float32 copy is stale, not used
+    ids, pixels = prompt_ids([1]), torch.randn(1, 1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model(ids, pixel_values=pixels), ref(ids, pixel_values=pixels))
+        got, want = model(ids, pixel_values=pixels).float(), ref(ids, pixel_values=pixels).float()
+    # the bf16 weights, not the stale float32 copy: within bf16 rounding of the plain bf16 model
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
 
 
-def test_fused_decode_over_a_long_cache_matches_plain():
-    model = prepare_for_inference(tiny())
-    plain = tiny()
+def test_every_level_decodes_a_long_cache_like_the_plain_model(level):
+    model, plain = prepare(tiny()), tiny()
     n = 392  # a cache far longer than the other tests' prompts
-    ids = torch.randint(0, 49000, (1, n))
-    with torch.inference_mode():
-        caches = [KVCache(m.cfg.text, 1, n + 1, m.dtype) for m in (model, plain)]
-        for m, c in zip((model, plain), caches, strict=True):
-            m(ids, cache=c)
-        nxt = torch.tensor([[5]])
-        got = model(nxt, cache=caches[0])
-        ref = plain(nxt, cache=caches[1])
-    assert (got - ref).abs().max() < 1e-4
+    ids = torch.randint(0, 49000, (1, n), generator=torch.Generator().manual_seed(0))
+    follow = torch.randint(0, 49000, (6,), generator=torch.Generator().manual_seed(1))
+    got, ref = step_logits(model, ids, follow), step_logits(plain, ids, follow)
+    assert (got - ref).abs().max() < 1e-4, level
 
 
-def test_bf16_vision_fast_path_and_batched_tiles_close_to_plain(monkeypatch):
-    model = tiny(dtype=torch.bfloat16)
-    pixels = torch.randn(1, 7, 3, 32, 32)
-    ref = model.encode_images(pixels).detach()  # grad mode: SDPA and F.gelu, one batch
-    with torch.inference_mode():
-        monkeypatch.setattr(vlm_module, "VISION_BATCH", 3)
-        monkeypatch.setattr(vision_module, "HEADS_PER_CHUNK", 1)  # several chunks even with the tiny preset's heads
-        got = model.encode_images(pixels)  # chunked matmul attention, oneDNN linear + GELU, tiles 3 at a time
-    assert got.shape == ref.shape
-    assert F.cosine_similarity(got.float().flatten(), ref.float().flatten(), dim=0) > 0.999
+def test_every_level_generates_the_plain_models_tokens_at_every_step(level):
+    """float32: the same greedy tokens, and every step's log-probability, as the plain model."""
+    model, plain = prepare(tiny()), tiny()
+    ids, pixels = prompt_ids([1]), torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    got = [(int(t[0]), float(lp[0])) for t, lp, _ in generate_ids(model, ids, None, params, set(), pixel_values=pixels)]
+    ref = [(int(t[0]), float(lp[0])) for t, lp, _ in generate_ids(plain, ids, None, params, set(), pixel_values=pixels)]
+    assert [t for t, _ in got] == [t for t, _ in ref]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, ref, strict=True)) < 1e-4
 
 
-def test_packed_onednn_linear_matches_f_linear_and_follows_weight_updates():
-    if not vision_module.ONEDNN_LINEAR:
+def test_bf16_fast_path_follows_the_plain_model_at_every_step(level):
+    """bf16 (native or emulated): teacher-forced, every step's logits within bf16 rounding of the plain bf16
+    model's, and the fast model's top token is the plain one wherever the plain model is not near a tie."""
+    model, plain = prepare(tiny(dtype=torch.bfloat16)), tiny(dtype=torch.bfloat16)
+    ids, pixels = prompt_ids([1]), torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    follow = torch.randint(0, 49000, (10,), generator=torch.Generator().manual_seed(4))
+    got, ref = step_logits(model, ids, follow, pixels), step_logits(plain, ids, follow, pixels)
+    cos = F.cosine_similarity(got, ref, dim=-1)
+    assert cos.min() > 0.999, (level, cos)
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * ref.abs().max()
+    assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+def test_vision_fast_path_and_batched_tiles_close_to_plain(level, monkeypatch):
+    monkeypatch.setattr(vlm_module, "VISION_BATCH", 3)  # 7 tiles go 3 at a time
+    pixels = torch.randn(1, 7, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.float32, torch.bfloat16):
+        plain, model = tiny(dtype=dtype), prepare(tiny(dtype=dtype))
+        with torch.inference_mode():
+            ref, got = plain.encode_images(pixels), model.encode_images(pixels)
+        assert got.shape == ref.shape == (7, *ref.shape[1:])
+        if dtype == torch.float32:
+            assert (got - ref).abs().max() < 1e-4, level
+        else:
+            assert F.cosine_similarity(got.float().flatten(), ref.float().flatten(), dim=0) > 0.999, level
+
+
+def test_packed_onednn_linear_only_where_bf16_is_native(monkeypatch):
+    if not modules.ONEDNN_LINEAR:
         pytest.skip("this torch has no oneDNN linear")
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
     x = torch.randn(3, 50, 64, dtype=torch.bfloat16)
+    packed = modules.PackedWeight()
     with torch.no_grad():
+        monkeypatch.setenv(cpu.ENV, "avx2")  # no native bf16: oneDNN's bf16 packing must not be touched
+        modules.packed_linear(x, layer, packed)
+        assert packed.packed is None
+        monkeypatch.delenv(cpu.ENV)
+        if not cpu.native_bf16():
+            pytest.skip(f"this CPU has no native bf16 (level {cpu.level()}): the packed path is not used here")
         for gelu in (False, True):
             ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
             ref = F.gelu(ref, approximate="tanh") if gelu else ref
-            got = vision_module.inference_linear(x, layer, gelu=gelu)
+            got = modules.packed_linear(x, layer, packed, gelu=gelu)
             assert got.dtype == torch.bfloat16 and got.shape == (3, 50, 96)
             assert (got.float() - ref).abs().max() < 0.02 * ref.abs().max()
-        packed = layer.__dict__["_packed_weight"][1]
-        vision_module.inference_linear(x, layer)
-        assert layer.__dict__["_packed_weight"][1] is packed  # an unchanged weight is packed once
+        first = packed.packed
+        assert first is not None
+        modules.packed_linear(x, layer, packed)
+        assert packed.packed is first  # an unchanged weight is packed once
         layer.weight.mul_(-1)  # an in-place update (as an optimizer step): the packed copy must follow
-        flipped = vision_module.inference_linear(x, layer).float()
+        flipped = modules.packed_linear(x, layer, packed).float()
         ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
         assert (flipped - ref).abs().max() < 0.02 * ref.abs().max()
         layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight))  # reassignment too
-        assert torch.equal(vision_module.inference_linear(x, layer), layer.bias.expand(3, 50, 96))
-    assert "_packed_weight" not in layer.state_dict() and set(layer.state_dict()) == {"weight", "bias"}
+        assert torch.equal(modules.packed_linear(x, layer, packed), layer.bias.expand(3, 50, 96))
     with torch.inference_mode():  # weights made under inference mode have no version counter
         made_here = torch.nn.Linear(64, 96).to(torch.bfloat16)
-        got = vision_module.inference_linear(x, made_here).float()
+        got = modules.packed_linear(x, made_here, modules.PackedWeight()).float()
         ref = F.linear(x.float(), made_here.weight.float(), made_here.bias.float())
         assert (got - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-def test_vision_tower_uses_packed_linears_only_in_bf16_inference():
-    if not vision_module.ONEDNN_LINEAR:
-        pytest.skip("this torch has no oneDNN linear")
-    model = tiny(dtype=torch.bfloat16)
-    prepare_for_inference(model)
+def test_vision_tower_packs_its_linears_only_in_bf16_inference_on_native_bf16():
+    if not modules.ONEDNN_LINEAR or not cpu.native_bf16():
+        pytest.skip(f"packed oneDNN linears need native bf16 (this CPU's level: {cpu.level()})")
+    model = prepare(tiny(dtype=torch.bfloat16))
     pixels = torch.randn(1, 2, 3, 32, 32)
     block = model.vision_model.encoder["layers"][0]
-    model.encode_images(pixels).sum().backward()  # training: plain modules, nothing packed
-    assert "_packed_weight" not in block.mlp.fc1.__dict__
+    model.encode_images(pixels).sum().backward()  # training: plain math, nothing packed
+    assert block.mlp.packed_fc1.packed is None
     with torch.inference_mode():
         model.encode_images(pixels)
-    fused = block.self_attn.__dict__["_fused"]
-    for owner in (fused, block.self_attn.out_proj, block.mlp.fc1, block.mlp.fc2):
-        assert "_packed_weight" in owner.__dict__
-
-
-def test_chunked_matmul_attention_matches_sdpa_with_padding_mask(monkeypatch):
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))  # 3 heads: chunks of 2 leave a partial last chunk
-    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
-    mask[1, ..., 6:] = False  # the second image's last 4 patches are padding
-    monkeypatch.setattr(vision_module, "HEADS_PER_CHUNK", 2)
-    got = vision_module.matmul_attention(q, k, v, mask)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert (got - ref).abs().max() < 1e-5
+    for packed in (block.self_attn.packed_qkv, block.self_attn.packed_out, block.mlp.packed_fc1,
+                   block.mlp.packed_fc2):
+        assert packed.packed is not None
 
 
 def test_image_embedding_cache_reuses_tiles_and_sees_weight_updates():
@@ -185,11 +228,23 @@ def test_image_embedding_cache_reuses_tiles_and_sees_weight_updates():
     assert calls == [2, 1, 2] and (again - 2 * first).abs().max() < 1e-5
 
 
-def test_fused_bf16_generation_close_to_plain():
-    model = prepare_for_inference(tiny(dtype=torch.bfloat16))
-    plain = tiny(dtype=torch.bfloat16)
-    ids, pixels = prompt_ids([1]), torch.randn(1, 1, 3, 32, 32)
-    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    got = [lp for _, lp, _ in generate_ids(model, ids, None, params, set(), pixel_values=pixels)]
-    ref = [lp for _, lp, _ in generate_ids(plain, ids, None, params, set(), pixel_values=pixels)]
-    assert abs(float(got[0][0]) - float(ref[0][0])) < 0.05
+def test_a_level_above_this_cpu_is_a_clear_error(monkeypatch):
+    from smolvlm.errors import SmolVLMError
+
+    monkeypatch.setenv(cpu.ENV, "no-such-level")
+    with pytest.raises(SmolVLMError, match="not a level"):
+        cpu.level()
+    if cpu.detected_level() != "avx512_bf16":
+        monkeypatch.setenv(cpu.ENV, "avx512_bf16")
+        with pytest.raises(SmolVLMError, match="lacks"):
+            cpu.level()
+
+
+def test_dtype_auto_follows_the_level(monkeypatch):
+    monkeypatch.setenv(cpu.ENV, "avx2")
+    assert cpu.resolve_dtype("auto") == torch.float32
+    monkeypatch.setenv(cpu.ENV, "generic")
+    assert cpu.resolve_dtype("auto") == torch.float32
+    if cpu.detected_level() == "avx512_bf16":
+        monkeypatch.delenv(cpu.ENV)
+        assert cpu.resolve_dtype("auto") == torch.bfloat16

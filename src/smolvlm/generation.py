@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smolvlm.runtime import decode_step
 from smolvlm.errors import SmolVLMError
 from smolvlm.models.decoder import KVCache
 from smolvlm.models.vlm import VLM
@@ -154,9 +153,6 @@ def generate_ids(
         image_embeds = encode_images_cached(model, pixel_values, pixel_attention_mask)
 
     cache = KVCache(model.cfg.text, b, t + max_new, model.dtype) if params.use_cache else None
-    if cache is not None and not model.cross_attention:
-        # None: eager steps (e.g. float32)
-        cache.decode_step = decode_step.for_decoder(model.text_model, model.lm_head)
     ids, mask = input_ids, attention_mask
     step_ids = input_ids
     done = torch.zeros(b, dtype=torch.bool)

@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolvlm.runtime import kernels
-
 
 @dataclass
 class VisionConfig:
@@ -47,6 +45,8 @@ def grid_position_ids(patch_mask: torch.Tensor, side: int) -> torch.Tensor:
     return torch.where(patch_mask.reshape(n, -1), ids, 0)
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/smolvlm/modeling_smolvlm.py
+# (SmolVLMVisionEmbeddings)
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -62,6 +62,8 @@ class VisionEmbeddings(nn.Module):
         return x + self.position_embedding(grid_position_ids(patch_mask, self.cfg.patches_per_side))
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/smolvlm/modeling_smolvlm.py
+# (SmolVLMVisionAttention)
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -73,80 +75,17 @@ class VisionAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (N, P, D); attn_mask (N, 1, 1, P) bool, True on keys that may be attended, or None."""
         n, p, d = x.shape
-        fused = self.__dict__.get("_fused")  # quantize.fuse: one matmul for q, k, v at inference
-        if fused is not None and fused.usable(self):
-            qkv = inference_linear(x, fused).view(n, p, 3, self.num_heads, self.head_dim)
-            # bf16: q, k, v straight from the fused output into csrc/attention.cpp (one pass, no copies)
-            key_mask = None if attn_mask is None else attn_mask.view(n, p)
-            y = kernels.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask)  # (N, P, H, hd) or None
-            if y is not None:
-                return inference_linear(y.view(n, p, d), self.out_proj)
-            # one copy into head-major order: the attention's matmuls would otherwise copy each strided slice
-            qkv = qkv.permute(2, 0, 3, 1, 4).contiguous()
-            q, k, v = qkv[0], qkv[1], qkv[2]  # (N, H, P, hd) each
-        else:
-            q = self.q_proj(x).view(n, p, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, P, hd)
-            k = self.k_proj(x).view(n, p, self.num_heads, self.head_dim).transpose(1, 2)
-            v = self.v_proj(x).view(n, p, self.num_heads, self.head_dim).transpose(1, 2)
-        if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-            y = matmul_attention(q, k, v, attn_mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # bidirectional
-        return inference_linear(y.transpose(1, 2).reshape(n, p, d), self.out_proj)
+        q = self.q_proj(x).view(n, p, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, P, hd)
+        k = self.k_proj(x).view(n, p, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(n, p, self.num_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # bidirectional, (N, H, P, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(n, p, d))
 
 
-# Heads per matmul-softmax-matmul in bf16 inference: two heads' scores (2 x 1024 x 1024 bf16, 4 MB) stay in
-# cache between the three steps; all twelve at once (25 MB) do not (measured, 2 threads, one 1024-patch
-# layer: 12.8 ms in chunks of 2 heads, 27.5 ms all at once, 20.9 ms for the CPU SDPA kernel).
-HEADS_PER_CHUNK = 2
-
-
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None):
-    """softmax(q k^T / sqrt(hd)) v as bf16 matmuls, a few heads at a time (see HEADS_PER_CHUNK). q, k, v
-    (N, H, P, hd); attn_mask (N, 1, 1, P) bool, True on keys that may be attended. Returns (N, H, P, hd)."""
-    q = q * q.shape[-1] ** -0.5
-    out = []
-    for h in range(0, q.shape[1], HEADS_PER_CHUNK):
-        hs = slice(h, h + HEADS_PER_CHUNK)
-        scores = torch.matmul(q[:, hs], k[:, hs].transpose(-1, -2))  # (N, c, P, P)
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        out.append(torch.matmul(kernels.softmax_(scores), v[:, hs]))  # csrc/softmax.cpp
-    return torch.cat(out, dim=1)
-
-
-# bf16 inference: the tower's linears through oneDNN with each weight kept in oneDNN's blocked layout (packed
-# once, then reused), the bias and fc1's GELU applied in the matmul's epilogue. Measured, 2 threads, one
-# tile, alternating in one process: 0.540 vs 0.567 s best, 0.559 vs 0.606 s median against F.linear (with only
-# fc1 + GELU through oneDNN, unpacked); unpacked, ~2% of that remains. The packed copies cost ~170 MB (SmolVLM).
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
-    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-PACK_ROWS = 1024  # the row count oneDNN packs for: one 512-px tile of 16-px patches (any count works)
-
-
-def packed_weight(owner, weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's blocked copy of `weight`, kept in owner.__dict__ (outside the state dict) and made again when
-    the weight is replaced or updated in place (an optimizer step bumps its version)."""
-    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
-    cached = owner.__dict__.get("_packed_weight")
-    if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
-        owner.__dict__["_packed_weight"] = cached
-    return cached[1]
-
-
-def inference_linear(x: torch.Tensor, layer, gelu: bool = False) -> torch.Tensor:
-    """layer(x), then tanh-GELU if asked. `layer` is an nn.Linear or a quantize.Fused of nn.Linears."""
-    weight = getattr(layer, "weight", None)
-    plain = type(layer) is nn.Linear or getattr(layer, "kind", None) == "float"
-    if ONEDNN_LINEAR and plain and x.dtype == weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, packed_weight(layer, weight), layer.bias,
-                                                  "gelu" if gelu else "none", [], "tanh" if gelu else "")
-    y = layer(x)
-    return F.gelu(y, approximate="tanh") if gelu else y
-
-
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/smolvlm/modeling_smolvlm.py
+# (SmolVLMVisionMLP)
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -154,9 +93,11 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return inference_linear(inference_linear(x, self.fc1, gelu=True), self.fc2)
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/smolvlm/modeling_smolvlm.py
+# (SmolVLMEncoderLayer)
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -170,6 +111,8 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/smolvlm/modeling_smolvlm.py
+# (SmolVLMVisionTransformer)
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()

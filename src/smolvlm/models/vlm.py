@@ -24,6 +24,7 @@ from smolvlm.errors import SmolVLMError
 from smolvlm.models.cnn import CNNConfig, CNNEncoder
 from smolvlm.models.connector import CONNECTORS, make_connector, tokens_per_tile
 from smolvlm.models.contrastive import ContrastiveHead
+from smolvlm.models.cross_attention import GatedCrossAttentionBlock
 from smolvlm.models.decoder import Decoder, DecoderConfig, KVCache
 from smolvlm.models.vision import VisionConfig, VisionEncoder
 
@@ -117,7 +118,8 @@ class VLM(nn.Module):
                                             cfg.scale_factor, side)
             if cfg.contrastive:
                 self.contrastive = ContrastiveHead(cfg.text.hidden_size)
-        self.text_model = Decoder(cfg.text, cfg.cross_attention_every if self.cross_attention else 0)
+        self.text_model = Decoder(cfg.text, cfg.cross_attention_every if self.cross_attention else 0,
+                                  GatedCrossAttentionBlock)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.text_model.embed_tokens.weight
@@ -267,6 +269,4 @@ class VLM(nn.Module):
                                position_ids, cache)
         if last_only:
             h = h[:, -1:]
-            if cache is not None and cache.decode_step is not None:
-                return cache.decode_step.logits(h)  # the same lm_head through the C++ step's matmul
         return self.lm_head(h)
