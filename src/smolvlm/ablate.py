@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.model_options import DTYPE_HELP
 
 # variant -> config overrides on the preset. The baseline is SmolVLM's layout (ViT + pixel shuffle); every other
 # variant changes one thing from it, so each names the vision encoder too (shapes-tiny itself uses the CNN).
@@ -100,13 +101,13 @@ def decode_tokens_per_s(model, processor) -> float:
 
 
 def evaluate_variant(folder: Path, world: dict, args) -> dict:
-    from smolvlm.checkpoint import load
     from smolvlm.eval.runner import PeakMemory, run_task
+    from smolvlm.model_options import load_for_inference
 
     model_dir = folder / "train" / "model"
     gc.collect()
     with PeakMemory() as mem:
-        model, processor = load(model_dir, dtype=args.dtype)
+        model, processor = load_for_inference(str(model_dir), args.dtype)
         tasks = {}
         for task in EVAL_TASKS:
             log(f"  {task}")
@@ -298,7 +299,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, metavar="N", help="examples per eval task (default: smolvlm eval's)")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="eval prompts per batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="shapes world seed of the eval data (default 0)")
-    p.add_argument("--dtype", default="float32", help="eval and decode dtype: float32 (default) or bfloat16")
+    p.add_argument("--dtype", default="auto", help="eval and decode dtype: " + DTYPE_HELP)
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="torch threads for training and eval (default: the preset's / torch's)")
     p.add_argument("--json", action="store_true", help="print ablations.json instead of the table")

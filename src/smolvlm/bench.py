@@ -23,7 +23,9 @@ import subprocess
 import sys
 import time
 
+from smolvlm.doctor import print_report, runtime_report
 from smolvlm.errors import SmolVLMError
+from smolvlm.model_options import DTYPE_HELP
 
 PROMPT = "Describe this image."
 LONG, SHORT = 136, 8  # decode_tok_s = (LONG - SHORT) / (t_LONG - t_SHORT)
@@ -50,9 +52,9 @@ def best_time(fn, iters: int) -> float:
 
 class Ours:
     def __init__(self, model_path: str, dtype: str, quantize: str | None):
-        from smolvlm.checkpoint import load
+        from smolvlm.model_options import load_for_inference
 
-        self.model, self.processor = load(model_path, dtype=dtype, quantize=quantize)
+        self.model, self.processor = load_for_inference(model_path, dtype, quantize)
 
     def vision(self, pixel_values):
         import torch
@@ -143,8 +145,15 @@ def measure(args) -> dict:
     images = [[open_image(args.image)]] if has_vision else None
     text = proc.apply_chat_template(build_messages(PROMPT, 1 if has_vision else 0), add_generation_prompt=True)
     inputs = proc(text, images=images)
-    out = {"impl": args.worker, "dtype": args.dtype, "quantize": args.quantize, "threads": torch.get_num_threads(),
+    from smolvlm.runtime import cpu
+
+    out = {"impl": args.worker, "dtype": cpu.dtype_name(cpu.resolve_dtype(args.dtype)), "dtype_requested": args.dtype,
+           "quantize": args.quantize, "threads": torch.get_num_threads(),
            "prompt_tokens": int(inputs["input_ids"].shape[1]), "load_s": round(load_s, 3)}
+    if args.worker == "smolvlm":
+        from smolvlm.runtime.quantize import quantization_summary
+
+        out["quantization"] = quantization_summary(impl.model)
 
     if has_vision:
         out["tiles"] = int(inputs["pixel_values"].shape[1])
@@ -254,10 +263,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             runs[impl].append(run_worker(args, impl))
     results = {impl: best_of(r) for impl, r in runs.items()}
     rat = ratios(results["smolvlm"], results["transformers"]) if args.compare else None
+    facts = runtime_report()
     if args.json:
-        print(json.dumps({**results["smolvlm"], **({"transformers": results["transformers"], "ratios": rat}
-                                                   if rat else {})}, indent=2))
+        print(json.dumps({**results["smolvlm"], "runtime": facts,
+                          **({"transformers": results["transformers"], "ratios": rat} if rat else {})}, indent=2))
     else:
+        print_report(facts)
         print_table(results, rat)
     return 0
 
@@ -271,7 +282,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--model", required=True, help="checkpoint folder, .gguf, hub id or packaged name")
     b.add_argument("--image", metavar="FILE", help="the image (a 640x480 photo gives 13 tiles with SmolVLM's "
                                                    "processor); omit for a text-only model")
-    b.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float32")
+    b.add_argument("--dtype", default="auto", help=DTYPE_HELP + "; transformers runs in the same dtype")
     b.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of smolvlm's decoder")
     b.add_argument("--batch-size", type=int, default=1, metavar="B",
                    help="also measure decoding B text-only prompts together (default 1: skip)")
@@ -289,7 +300,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", choices=list(IMPLEMENTATIONS), required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--image")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--quantize")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)

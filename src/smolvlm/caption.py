@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.model_options import add_model_options
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 DEFAULT_PROMPT = "Describe this image in one sentence."
@@ -113,15 +114,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
     skipped = len(paths) - len(todo)
 
     start = time.perf_counter()
-    captioned, failures = 0, []
+    captioned, failures, facts = 0, [], {}
     if todo:
-        import torch
+        from smolvlm.model_options import load_from_args, runtime_facts
 
-        from smolvlm.checkpoint import load
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        model, processor = load(args.model, dtype=args.dtype)
+        model, processor = load_from_args(args)
+        facts = runtime_facts(model, args.dtype)
         if not model.has_vision:
             raise SmolVLMError(f"{args.model} is a text-only model (no vision encoder); it cannot caption images")
         prompt_text = processor.apply_chat_template(build_messages(args.prompt, 1), add_generation_prompt=True)
@@ -142,7 +140,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     summary = {"out": str(out), "images": len(paths), "captioned": captioned, "failed": len(failures),
                "skipped": skipped, "seconds": round(seconds, 2),
-               "failures": [{"path": r["path"], "error": r["error"]} for r in failures]}
+               "failures": [{"path": r["path"], "error": r["error"]} for r in failures], **facts}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -164,16 +162,14 @@ def add_parser(subparsers) -> None:
                     "Images already in --out are skipped, so re-running resumes an interrupted run.",
     )
     c.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
-    c.add_argument("--model", required=True, help="a SmolVLM checkpoint folder or hub id")
+    add_model_options(c, model_help="a SmolVLM checkpoint folder or hub id")
     c.add_argument("--out", required=True, metavar="FILE", help="the JSON Lines file to append to")
     c.add_argument("--prompt", default=DEFAULT_PROMPT, help="the instruction (default: %(default)r)")
     c.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per batch (default: %(default)s)")
     c.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: %(default)s")
     c.add_argument("--retry-errors", action="store_true", help="try again the images recorded as errors")
-    c.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (default)")
-    c.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object: out, images, captioned, failed, skipped, seconds, "
-                        "failures")
+                        "failures, and what ran (dtype, dtype_requested, cpu_level, quantization) when a model ran")
     c.set_defaults(func=cmd_caption)

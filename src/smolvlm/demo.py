@@ -8,7 +8,8 @@
     evaluate both on held-out questions -> DIR/metrics.json, DIR/*.png, DIR/report.md, a table
 
 Answers are generated greedily by the saved checkpoints loaded as `smolvlm generate` loads them
-(bfloat16), so asking `smolvlm generate --model DIR/model --image ... --prompt ...` gives the same answers.
+(`--dtype auto`, this CPU's fast paths), so `smolvlm generate --model DIR/model --image ... --prompt ...` gives the
+same answers.
 """
 
 from __future__ import annotations
@@ -70,17 +71,17 @@ def vqa_scores(rows: list[dict], answers: list[str]) -> dict:
 def evaluate_model(model, processor, name: str, data_dir: Path, batch_size: int = 64, progress: bool = True) -> dict:
     """VQA accuracy (overall, per type) on test and compositional questions; caption CIDEr-D on test."""
     import torch
-    from PIL import Image
 
     from smolvlm.data.shapes import CAPTION_PROMPT
     from smolvlm.eval.caption_metrics import score_captions
+    from smolvlm.processing import open_image
 
     result: dict = {}
     t0 = time.time()
     with torch.inference_mode():
         for split in ("test", "compositional"):
             rows = read_jsonl(data_dir / split / "questions.jsonl")
-            images = [Image.open(data_dir / split / r["image"]).convert("RGB") for r in rows] if model.has_vision \
+            images = [open_image(data_dir / split / r["image"]) for r in rows] if model.has_vision \
                 else None
             answers = ask_batch(model, processor, images, [r["question"] for r in rows], 6, batch_size,
                                 f"{name} {split} vqa", progress)
@@ -88,7 +89,7 @@ def evaluate_model(model, processor, name: str, data_dir: Path, batch_size: int 
             result[split]["answers"] = answers
         if model.has_vision:
             caps = read_jsonl(data_dir / "test" / "captions.jsonl")
-            images = [Image.open(data_dir / "test" / c["image"]).convert("RGB") for c in caps]
+            images = [open_image(data_dir / "test" / c["image"]) for c in caps]
             preds = ask_batch(model, processor, images, [CAPTION_PROMPT] * len(caps), 48, batch_size,
                               f"{name} captions", progress)
             refs = {c["image"]: c["captions"] for c in caps}
@@ -274,8 +275,8 @@ def scale_stages(stages: list, steps: int) -> list:
 def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] | None = None,
              blind_steps: int | None = None, test_images: int = 300, compositional_images: int = 100,
              force: bool = False, progress: bool = True, minutes: float = DEMO_MINUTES) -> dict:
-    from smolvlm.checkpoint import load
     from smolvlm.data.shapes import ShapesWorld, WorldConfig
+    from smolvlm.model_options import load_for_inference
     from smolvlm.train import Stage, resolve_config, train
 
     t_start = time.time()
@@ -324,11 +325,12 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     print(f"training the blind baseline ({n_blind} steps)", file=sys.stderr)
     blind = train(blind_cfg, out / "runs" / "blind", progress=progress)
 
-    # loaded from disk as `smolvlm generate` loads them (bfloat16), so its answers are the ones reported
-    model, processor = load(out / "model", "bfloat16")
+    # loaded from disk as `smolvlm generate` loads them (--dtype auto, this CPU's fast paths), so its answers are
+    # the ones reported
+    model, processor = load_for_inference(str(out / "model"))
     seeing = evaluate_model(model, processor, "main", data_dir, progress=progress)
     samples = sample_answers(model, processor, data_dir, 6)
-    blind_eval = evaluate_model(*load(blind.model_dir, "bfloat16"), "blind", data_dir, progress=progress)
+    blind_eval = evaluate_model(*load_for_inference(str(blind.model_dir)), "blind", data_dir, progress=progress)
 
     from smolvlm.train import read_metrics
 

@@ -141,7 +141,9 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     batch_size: int = 32  # global batch (examples per optimizer step, over all processes)
     grad_accum: int = 1  # micro-batches per process per step
-    bf16: bool = True  # bf16 autocast (fp32 master weights); several times faster on bf16-capable CPUs
+    # bf16 autocast (fp32 master weights): "auto" = where the CPU has native bf16 dot products (several times
+    # faster there; emulated elsewhere, ~10x slower than float32)
+    bf16: bool | str = "auto"
     seed: int = 0
     checkpoint_every: int = 200  # steps; 0 = only at the end
     keep_checkpoints: int = 2
@@ -155,7 +157,15 @@ class TrainConfig:
         """The model needs a contrastive head: some stage's loss uses it."""
         return self.contrastive_weight > 0 or any(s.objective == "contrastive" for s in self.stages)
 
+    @property
+    def use_bf16(self) -> bool:
+        from smolvlm.runtime.cpu import native_bf16
+
+        return native_bf16() if self.bf16 == "auto" else bool(self.bf16)
+
     def check(self) -> None:
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            raise SmolVLMError(f"config key 'bf16' must be true, false or auto, got {self.bf16!r}")
         if not self.stages:
             raise SmolVLMError("the config has no training stage; add one under `stages`")
         for s in self.stages:
@@ -452,10 +462,27 @@ def resolve_config(preset: str | None, config_file: str | None, overrides: list[
     d = config_to_dict(PRESETS[preset]()) if preset else config_to_dict(TrainConfig())
     if config_file:
         d = merge_dicts(d, load_yaml(config_file))
+    asked = {o.partition("=")[0].strip() for o in overrides}
+    if config_file:
+        asked |= {f"model.{k}" for k in load_yaml(config_file).get("model") or {}}
     d = apply_overrides(d, overrides)
     cfg = from_dict(TrainConfig, d)
+    adapt_preset(cfg, asked)
     cfg.check()
     return cfg
+
+
+def adapt_preset(cfg: TrainConfig, asked: set[str]) -> None:
+    """A preset's choice that an option the user asked for rules out gives way, with a one-line notice: the
+    image-position table sits on the pixel-shuffle grid, so another connector (or a blind model) drops it. What the
+    user set explicitly (`asked`: the keys of the overrides and the config file) is kept, and check() refuses it."""
+    spec = cfg.model
+    rules_out = spec.connector != "pixel-shuffle" or spec.blind
+    if spec.image_positions and rules_out and "model.image_positions" not in asked:
+        why = "a blind model" if spec.blind else f"the {spec.connector} connector"
+        print(f"smolvlm train: note: model.image_positions is off ({why} has no pixel-shuffle grid for it)",
+              file=sys.stderr)
+        spec.image_positions = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -900,15 +927,15 @@ def _batch_loss(model: VLM, batch: dict, teacher: VLM | None, cfg: TrainConfig, 
                 n_batches: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     image_embeds = None
     if "pixel_values" in batch:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.use_bf16):
             image_embeds = model.encode_images(batch["pixel_values"], batch.get("pixel_attention_mask"))
     loss = ce = con = torch.zeros(())
     if objective == "lm":
-        token_loss, ce, _ = token_losses(model, batch, teacher, cfg.distill, cfg.bf16, image_embeds)
+        token_loss, ce, _ = token_losses(model, batch, teacher, cfg.distill, cfg.use_bf16, image_embeds)
         loss = token_loss / n_tokens
     weight = 1.0 if objective == "contrastive" else cfg.contrastive_weight
     if weight > 0:
-        con = contrastive_loss(model, batch, image_embeds, cfg.bf16)
+        con = contrastive_loss(model, batch, image_embeds, cfg.use_bf16)
         loss = loss + weight * con / n_batches
     return loss, ce, con.detach()
 

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.model_options import DTYPE_HELP
 
 __all__ = ["TASKS", "add_parser", "run_task", "run_suite"]
 
@@ -95,18 +96,18 @@ class TaskData:
 
 
 def _open_image(image):
-    """A PIL image from a path or a PIL image; None (and the reason) when it cannot be read."""
+    """A PIL image from a path (read as every command reads images: processing.open_image, EXIF orientation applied;
+    the processor puts transparency on white) or a PIL image; None and the reason when it cannot be read."""
     from PIL import Image
 
+    from smolvlm.processing import open_image
+
     if isinstance(image, Image.Image):
-        return image.convert("RGB"), None
+        return image, None
     try:
-        with Image.open(image) as im:
-            return im.convert("RGB"), None
-    except FileNotFoundError:
-        return None, f"{image}: no such file"
-    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for corrupt files
-        return None, f"{image}: {type(exc).__name__}: {exc}"
+        return open_image(image), None
+    except SmolVLMError as e:
+        return None, str(e)
 
 
 def _find_one(folder: Path, pattern: str, what: str) -> Path:
@@ -611,7 +612,9 @@ def _slug(text: str) -> str:
 
 def run_task(task: str, model_arg: str, args, out: Path, loaded=None) -> dict:
     """Run and score one task for one model; returns the metrics (also written to out/metrics.json)."""
-    from smolvlm.checkpoint import load
+    from smolvlm.checkpoint import parse_dtype
+    from smolvlm.model_options import load_for_inference
+    from smolvlm.runtime.cpu import dtype_name
 
     data = load_task_data(task, args)
     if not data.examples:
@@ -621,8 +624,13 @@ def run_task(task: str, model_arg: str, args, out: Path, loaded=None) -> dict:
         generated = f"generated(seed={args.seed}, world={json.dumps(args.world, sort_keys=True)})"
     identity = {"task": task, "model": _model_identity(model_arg), "data": str(Path(args.data).resolve())
                 if args.data else generated, "limit": args.limit,
-                "images": args.images, "split": args.split, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
-    model, processor = loaded if loaded is not None else load(model_arg, dtype=args.dtype)
+                "images": args.images, "split": args.split, "max_new_tokens": args.max_new_tokens,
+                # the resolved dtype: "auto" is float32 on one CPU and bfloat16 on another
+                "dtype": dtype_name(parse_dtype(args.dtype))}
+    if getattr(args, "quantize", None):
+        identity["quantize"] = args.quantize
+    model, processor = loaded if loaded is not None else load_for_inference(model_arg, args.dtype,
+                                                                             getattr(args, "quantize", None))
     if data.kind == "retrieval" and model.has_vision and retrieval_scoring(model, args) == "contrastive":
         identity["scoring"] = "contrastive"  # (logprob runs keep the identity they always had)
     run = RunFolder(out, identity, args.fresh)
@@ -652,11 +660,11 @@ def run_task(task: str, model_arg: str, args, out: Path, loaded=None) -> dict:
 
 def run_suite(args) -> dict:
     """Every shapes task for every --model: {"models": [{name, params, task results...}]}."""
-    from smolvlm.checkpoint import load
+    from smolvlm.model_options import load_for_inference
 
     rows = []
     for model_arg in args.model:
-        loaded = load(model_arg, dtype=args.dtype)
+        loaded = load_for_inference(model_arg, args.dtype, getattr(args, "quantize", None))
         results = {}
         for task in SUITE_TASKS:
             results[task] = run_task(task, model_arg, args, Path(args.out) / _slug(model_arg) / task, loaded)
@@ -781,7 +789,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="shapes world seed for generated data (default 0)")
     p.add_argument("--world", metavar="JSON", help="shapes world fields for generated data, as the training config's "
                    "data.world (e.g. '{\"question_types\": [\"color\", \"count\"]}'; default: the default world)")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the decoder at load")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--meteor", action="store_true", help="also METEOR for captions (needs Java + pycocoevalcap)")
     p.add_argument("--retrieval-scoring", choices=("auto", "logprob", "contrastive"), default="auto",

@@ -141,7 +141,7 @@ def create_app(model, processor, model_name: str, limits: Limits | None = None, 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "vision": model.has_vision, "auth": api_key is not None,
-                **engine.snapshot()}
+                "dtype": str(model.dtype).removeprefix("torch."), **engine.snapshot()}
 
     @app.get("/v1/models")
     async def models(request: Request):

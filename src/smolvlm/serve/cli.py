@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.model_options import add_model_options
 
 
 def served_name(model: str) -> str:
@@ -23,9 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SmolVLMError(f"serving needs the 'serve' extra ({e.name} is missing); pip install 'smolvlm[serve]'"
                            ) from None
-    import torch
-
-    from smolvlm.checkpoint import load
+    from smolvlm.model_options import load_from_args, runtime_facts
     from smolvlm.serve.protocol import Limits
 
     for name in ("max_batch_size", "max_queue", "max_images", "max_image_pixels", "max_tokens", "max_request_bytes"):
@@ -36,16 +35,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_request_bytes=args.max_request_bytes, max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels, max_image_bytes=min(args.max_request_bytes, 10 << 20),
                     max_tokens=args.max_tokens, max_queue=args.max_queue)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, processor = load(args.model, dtype=args.dtype)
+    model, processor = load_from_args(args)
     name = args.served_model_name or served_name(args.model)
     app = create_app(model, processor, name, limits, max_batch_size=args.max_batch_size,
                      allow_remote_images=args.allow_remote_images, api_key=args.api_key)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print("smolvlm serve: warning: listening beyond this machine without --api-key", file=sys.stderr)
-    print(f"smolvlm serve: {name} at http://{args.host}:{args.port}/ (chat page) and "
-          f"http://{args.host}:{args.port}/v1 (OpenAI API)", file=sys.stderr, flush=True)
+    facts = runtime_facts(model, args.dtype)
+    quant = f", {facts['quantization']['mode']}" if facts["quantization"] else ""
+    print(f"smolvlm serve: {name} ({facts['dtype']} on CPU level {facts['cpu_level']}{quant}) at "
+          f"http://{args.host}:{args.port}/ (chat page) and http://{args.host}:{args.port}/v1 (OpenAI API)",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
         epilog="example: smolvlm serve --model HuggingFaceTB/SmolVLM-256M-Instruct --port 8000\n"
                "then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-').chat.completions.create(...)",
     )
-    s.add_argument("--model", required=True, help="checkpoint folder, .gguf file, hub id or packaged name")
+    add_model_options(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     s.add_argument("--api-key", metavar="KEY",
@@ -84,10 +84,6 @@ def add_parser(subparsers) -> None:
                    help="request body size limit (default: %(default)s)")
     s.add_argument("--allow-remote-images", action="store_true",
                    help="let requests name http(s) image URLs for the server to download (off: only data: URLs)")
-    s.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (default)")
-    s.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="torch threads (default: torch's); fewer when other busy processes share the cores, "
-                        "whose OpenMP threads otherwise fight over them")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: %(default)s)")
     s.set_defaults(func=cmd_serve)
