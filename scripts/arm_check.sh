@@ -193,13 +193,27 @@ debootstrap_root() {
 }
 
 mount_root() {
-    local what
-    for what in proc sys dev dev/pts; do
+    local what c
+    if [[ "$HOST_ARCH" == aarch64 ]]; then
+        mountpoint -q "$ROOTFS/sys" || { mount -t sysfs sys "$ROOTFS/sys" && MOUNTED+=("$ROOTFS/sys"); } || return 1
+    else
+        # Not the host's sysfs (an x86 one) but a small aarch64-like one: torch's oneDNN (xbyak_aarch64) reads
+        # each CPU's MIDR_EL1 from sysfs when torch is imported, and without it `import torch` segfaults under
+        # qemu-user. The value is a Neoverse-N1's; nothing in the project reads it.
+        mountpoint -q "$ROOTFS/sys" && { umount "$ROOTFS/sys" || return 1; }
+        local cpus; cpus=$(nproc)
+        mkdir -p "$ROOTFS/sys/devices/system/cpu"
+        for what in online possible present; do echo "0-$((cpus - 1))" >"$ROOTFS/sys/devices/system/cpu/$what"; done
+        for ((c = 0; c < cpus; c++)); do
+            mkdir -p "$ROOTFS/sys/devices/system/cpu/cpu$c/regs/identification"
+            echo 0x00000000413fd0c1 >"$ROOTFS/sys/devices/system/cpu/cpu$c/regs/identification/midr_el1"
+        done
+    fi
+    for what in proc dev dev/pts; do
         mkdir -p "$ROOTFS/$what"
         if ! mountpoint -q "$ROOTFS/$what"; then
             case $what in
                 proc) mount -t proc proc "$ROOTFS/proc" ;;
-                sys) mount -t sysfs sys "$ROOTFS/sys" ;;
                 dev) mount --bind /dev "$ROOTFS/dev" ;;
                 dev/pts) mount --bind /dev/pts "$ROOTFS/dev/pts" ;;
             esac || return 1
@@ -239,6 +253,8 @@ torch_wheels() {
         -d "$ROOTFS$WHEELS" "$TORCH_SPEC" || return 1
     [[ -e "$ROOTFS$VENV/bin/python" ]] || in_root python3 -m venv "$VENV" || return 1
     in_root python -m pip install -q --no-index --find-links "$WHEELS" "$TORCH_SPEC" || return 1
+    in_root python -c "import torch; assert torch.ones(2).sum().item() == 2" \
+        || { echo "$PROG: torch installed but 'import torch' fails in the root (see above)" >&2; return 1; }
 }
 
 copy_project() {
@@ -302,6 +318,7 @@ run_tests() {
 }
 
 if [[ $FRESH -eq 1 && -d "$ROOTFS" ]]; then
+    # sys: a root made on an aarch64 host mounts the real one
     for m in dev/pts dev sys proc; do mountpoint -q "$ROOTFS/$m" && umount -l "$ROOTFS/$m"; done
     say "deleting $ROOTFS"
     rm -rf --one-file-system "$ROOTFS"
