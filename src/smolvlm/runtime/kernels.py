@@ -1,48 +1,125 @@
-"""The project's C++ kernels (src/smolvlm/csrc), compiled once with the machine's compiler.
+"""The project's C++ kernels (src/smolvlm/runtime/csrc), compiled with the machine's compiler once per ISA level.
 
-    csrc/decode_step.cpp  one decoding step through all decoder layers (decode_step.py uses it)
+    csrc/decode_step.cpp  one decoding step through all decoder layers (decode_step.py uses it); the bindings
+    csrc/gemv.cpp         the step's projections: few-row matmuls streaming bf16 / float32 / int8 / int4 weights
     csrc/softmax.cpp      row softmax in place, bf16 (softmax_ below: attention at inference)
     csrc/attention.cpp    attention in one pass, bf16 (attention below: the vision tower's, and causal prompts')
 
-torch.utils.cpp_extension builds them on first use (~1 min; cached in ~/.cache/torch_extensions; rebuilt when a
+Each level of cpu.py (generic, avx2, avx512, avx512_bf16) is its own module, `smolvlm_kernels_<level>`, built
+with only that level's instructions (LEVEL_FLAGS; never -march=native), so the build cache (torch_extensions,
+keyed by the name) cannot hand a CPU a build it cannot run. `extension()` loads the level cpu.level() picks
+(SMOLVLM_CPU lowers it); `extension(level)` any level this CPU can run (tests compare them).
+
+torch.utils.cpp_extension builds a level on first use (~1 min; cached in ~/.cache/torch_extensions; rebuilt when a
 source changes). Without a C++ compiler `extension()` is None and every caller stays on its PyTorch path (same
-results within bf16 rounding). `python -m smolvlm.runtime.kernels` builds them ahead of time (`make install` does).
+results within rounding). `python -m smolvlm.runtime.kernels [--level L ...|all]` builds ahead of time
+(`make install` builds this CPU's level).
 """
 
 from __future__ import annotations
 
+import argparse
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from smolvlm.errors import SmolVLMError
+from smolvlm.runtime import cpu
+
 NAME = "smolvlm_kernels"
-SOURCES = ["decode_step.cpp", "softmax.cpp", "attention.cpp"]  # decode_step.cpp holds the Python bindings
+CSRC = Path(__file__).parent / "csrc"
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+LEVEL_FLAGS = {"generic": [], "avx2": _AVX2, "avx512": _AVX512, "avx512_bf16": _AVX512 + ["-mavx512bf16"]}
+# -fopenmp: at::parallel_for is compiled into these files; without it their loops run on one thread
+COMMON_FLAGS = ["-O3", "-fopenmp"]
 
-_MODULE = None  # the compiled extension; False once building it failed
+_MODULES: dict[str, object] = {}  # level -> the compiled module, or False once building it failed
+_ERRORS: dict[str, str] = {}  # level -> why it could not be built
 
 
-def extension():
-    """The compiled module, or None when it cannot be built here (no C++ compiler)."""
-    global _MODULE
-    if _MODULE is None:
+def sources() -> list[str]:
+    return [str(p) for p in sorted(CSRC.glob("*.cpp"))]
+
+
+def module_name(level: str) -> str:
+    return f"{NAME}_{level}"
+
+
+def build_dir(level: str) -> Path:
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(module_name(level), verbose=False))
+
+
+def runnable_levels() -> list[str]:
+    """The levels this CPU can run, lowest first."""
+    detected = cpu.LEVELS.index(cpu.detected_level())
+    return list(cpu.LEVELS[: detected + 1])
+
+
+def check_level(level: str) -> str:
+    if level not in cpu.LEVELS:
+        raise SmolVLMError(f"unknown CPU level {level!r}; choose one of {', '.join(cpu.LEVELS)}")
+    if level not in runnable_levels():
+        raise SmolVLMError(f"this CPU cannot run level {level} (the highest here is {cpu.detected_level()})")
+    return level
+
+
+def extension(level: str | None = None):
+    """The compiled module of `level` (default: cpu.level()), or None when it cannot be built here (no C++
+    compiler: one notice, then every caller runs on PyTorch). A level this CPU lacks is a SmolVLMError."""
+    level = check_level(level or cpu.level())
+    if level not in _MODULES:
         from torch.utils import cpp_extension
 
-        sources = [str(Path(__file__).parent / "csrc" / name) for name in SOURCES]
-        build_dir = Path(cpp_extension._get_build_directory(NAME, verbose=False))
-        if not any(build_dir.glob("*.so")):
-            print("smolvlm: compiling the C++ kernels (once, about a minute)...", file=sys.stderr)
+        name = module_name(level)
+        if not any(build_dir(level).glob("*.so")):
+            print(f"smolvlm: compiling the C++ kernels for {level} (once, about a minute)...", file=sys.stderr)
         try:
-            _MODULE = cpp_extension.load(name=NAME, sources=sources,
-                                         # -fopenmp: at::parallel_for is compiled into these files; without it
-                                         # their loops run on one thread
-                                         extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                         extra_ldflags=["-fopenmp"], verbose=False)
+            _MODULES[level] = cpp_extension.load(name=name, sources=sources(),
+                                                 extra_cflags=COMMON_FLAGS + LEVEL_FLAGS[level],
+                                                 extra_ldflags=["-fopenmp"], verbose=False)
         except (OSError, RuntimeError, ImportError, SystemExit) as e:  # no compiler / ninja: stay eager
-            print(f"smolvlm: the C++ kernels could not be built ({str(e).splitlines()[0][:200]}); "
+            _ERRORS[level] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            print(f"smolvlm: the C++ kernels could not be built ({_ERRORS[level]}); "
                   "decoding and the vision tower run on PyTorch alone (slower)", file=sys.stderr)
-            _MODULE = False
-    return _MODULE or None
+            _MODULES[level] = False
+    return _MODULES[level] or None
+
+
+def compiler_version() -> str | None:
+    """The first line of `c++ --version`, or None without a compiler."""
+    try:
+        out = subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else None
+
+
+def status() -> dict:
+    """What `smolvlm doctor` reports about the kernels: the level, whether its module is built (without building
+    it) and why not, the compiler, the build directory."""
+    try:
+        level = cpu.level()
+    except SmolVLMError as e:
+        return {"level": None, "built": False, "reason": str(e), "compiler": compiler_version(), "build_dir": None}
+    folder = build_dir(level)
+    loaded = _MODULES.get(level)
+    built = bool(loaded) or any(folder.glob("*.so"))
+    compiler = compiler_version()
+    if built:
+        reason = None
+    elif level in _ERRORS:
+        reason = _ERRORS[level]
+    elif compiler is None:
+        reason = "no C++ compiler (c++): decoding and the vision tower run on PyTorch alone"
+    else:
+        reason = "not built yet: the first use builds it (or python -m smolvlm.runtime.kernels)"
+    return {"level": level, "module": module_name(level), "built": built, "loaded": bool(loaded), "reason": reason,
+            "compiler": compiler, "build_dir": str(folder)}
 
 
 def softmax_(scores: torch.Tensor) -> torch.Tensor:
@@ -71,5 +148,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return ext.attention_bf16(q, k, v, key_mask, causal, q.shape[-1] ** -0.5)
 
 
-if __name__ == "__main__":  # `python -m smolvlm.runtime.kernels`: build them now (make install does), not at first use
-    extension()  # without a compiler it says so and succeeds: everything runs on PyTorch alone
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smolvlm.runtime.kernels",
+                                description="Build the C++ kernels now (not at first use).")
+    p.add_argument("--level", action="append", metavar="L",
+                   help=f"a level to build ({', '.join(cpu.LEVELS)}), repeatable, or 'all' (every level this CPU "
+                        "can run); default: this CPU's level")
+    args = p.parse_args(argv)
+    try:
+        levels = [None] if not args.level else \
+            runnable_levels() if "all" in args.level else [check_level(x) for x in args.level]
+        for level in levels:
+            ext = extension(level)  # without a compiler it says so and succeeds: everything runs on PyTorch
+            if ext is not None:
+                print(f"smolvlm: C++ kernels built for {ext.level()} ({build_dir(ext.level())})", file=sys.stderr)
+    except SmolVLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
