@@ -1,10 +1,13 @@
-// Softmax over the last dimension of a bf16 tensor, in place: attention probabilities at inference (the vision
-// tower's, the decoder's prefill).
+// Softmax over the last dimension, in place: attention probabilities at inference (the vision tower's, the
+// decoder's prefill). -inf marks a masked key; a row with every key masked becomes zeros.
 //
-// Why: ATen's bf16 softmax takes ~0.7 ms for two heads' 1024 x 1024 scores here (50 ms of a 0.62 s tile); this
+//   softmax_bf16_  AVX-512 BF16 builds only (softmax_supported()); the others declare it unsupported.
+//   softmax_f32_   every build: attention.cpp's float32 row softmax (AVX-512F, AVX2 + FMA or portable C++).
+//
+// Why bf16: ATen's bf16 softmax takes ~0.7 ms for two heads' 1024 x 1024 scores here (50 ms of a 0.62 s tile); this
 // takes ~0.35 ms: one pass for the max, one for exp and sum into a float row buffer, one to scale and round.
 // exp is 2^n * p(f) with a degree-6 polynomial on |f| <= ln2/2 (relative error ~1e-7, far below bf16's 4e-3).
-// Without AVX-512 BF16 the caller uses torch.softmax (softmax_supported() is false).
+// Without AVX-512 BF16 the caller uses PyTorch for bf16 (softmax_supported() is false).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -97,3 +100,21 @@ bool softmax_supported() { return false; }
 void softmax_bf16_(at::Tensor) { TORCH_CHECK(false, "softmax_: built without AVX-512 BF16"); }
 
 #endif
+
+// attention.cpp: rows x cols contiguous floats, each row -> its softmax (zeros when every entry is -inf)
+void softmax_rows_f32(float* data, int64_t rows, int64_t cols);
+
+void softmax_f32_(at::Tensor scores) {
+  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous(), "softmax_: contiguous float32 only");
+  if (scores.numel() == 0) return;
+  const int64_t C = scores.size(-1);
+  softmax_rows_f32(scores.data_ptr<float>(), scores.numel() / C, C);
+}
+
+// this file's Python bindings (decode_step.cpp's module calls it)
+void smolvlm_bind_softmax(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("softmax_supported", &softmax_supported);
+  m.def("softmax_bf16_", &softmax_bf16_, py::call_guard<py::gil_scoped_release>());
+  m.def("softmax_f32_", &softmax_f32_, py::call_guard<py::gil_scoped_release>());
+}
