@@ -1,10 +1,13 @@
-"""`smolvlm score` on files people already have, and `smolvlm eval` end to end on every benchmark
-format with a tiny random model (scores near zero; what matters is that every path runs and resumes)."""
+"""`smolvlm score` on files people already have, and `smolvlm eval` end to end: every benchmark format
+runs and resumes with a tiny random model, and models whose answer is fixed by hand get the exact
+accuracy that answer earns on each fixture (so a broken scorer or prediction path shows)."""
 
+import copy
 import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import FIXTURES
 from smolvlm.cli import main
@@ -86,6 +89,104 @@ def test_score_vqa(capsys, tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tiny_hf_checkpoint):
     return tiny_hf_checkpoint[0]
+
+
+def fixed_answer_checkpoint(folder, tiny_hf_checkpoint, hf_text_tokenizer, answer: str):
+    """The tiny checkpoint rewired so that, whatever the images and question, greedy decoding says `answer`
+    then <end_of_utterance>. Every block's output projections are zeroed, so the last hidden state is the
+    last token's embedding and the model is a bigram table: token k of the answer gets the basis vector
+    e_(k+1) as its embedding (every other token e_0), and lm_head maps e_0 to the answer's first token and
+    e_(k+1) to the token after token k."""
+    base, hf_model = tiny_hf_checkpoint
+    chain = hf_text_tokenizer.encode(answer, add_special_tokens=False) + [49279]  # ... <end_of_utterance>
+    assert len(set(chain)) == len(chain) < hf_model.config.text_config.hidden_size
+    model = copy.deepcopy(hf_model)
+    text = model.model.text_model
+    with torch.no_grad():
+        for layer in text.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        text.norm.weight.fill_(1.0)
+        embed, head = text.embed_tokens.weight, model.lm_head.weight  # (V, D) each
+        embed.zero_()
+        embed[:, 0] = 1.0
+        head.zero_()
+        head[chain[0], 0] = 10.0  # RMSNorm scales e_k to sqrt(D) e_k: a logit margin of 80 survives bf16
+        for k, tok in enumerate(chain[:-1]):
+            embed[tok] = 0.0
+            embed[tok, k + 1] = 1.0
+            head[chain[k + 1], k + 1] = 10.0
+    shutil.copytree(base, folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def says(tmp_path_factory, tiny_hf_checkpoint, hf_text_tokenizer):
+    """answer -> a checkpoint folder that answers it to everything."""
+    made = {}
+
+    def make(answer: str):
+        if answer not in made:
+            made[answer] = fixed_answer_checkpoint(tmp_path_factory.mktemp("says") / answer, tiny_hf_checkpoint,
+                                                   hf_text_tokenizer, answer)
+        return made[answer]
+
+    return make
+
+
+def predictions(run_dir) -> list[str]:
+    return [json.loads(line)["prediction"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_eval_vqav2_accuracy_of_a_known_answer(capsys, tmp_path, says):
+    """VQAv2's fixture: humans answered net (7 of 10, orange once), pitcher (9 of 10), orange (10 of 10).
+    "orange" scores per question mean_i min(1, matches among the other 9 / 3): 9/10 x 1/3 = 0.3, 0, 1."""
+    code, out, err = run(capsys, "eval", "--model", says("orange"), "--task", "vqav2", "--data", V / "vqav2",
+                         "--images", V / "images/vqav2", "--out", tmp_path / "run", *FAST[2:])
+    assert code == 0, err
+    result = json.loads(out)
+    assert predictions(tmp_path / "run") == ["orange"] * 3
+    assert result["examples"] == 3 and result["accuracy"] == pytest.approx((0.3 + 0 + 1) / 3)
+    assert result["official"]["overall"] == 43.33
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(result["accuracy"])
+
+
+@pytest.mark.parametrize("answer, task, data, images, accuracy, unparsed", [
+    ("yes", "nlvr2", "nlvr2/tiny-dev.json", "nlvr2", 4 / 8, 0),  # 4 of the 8 statements are true
+    ("No.", "nlvr2", "nlvr2/tiny-dev.json", "nlvr2", 4 / 8, 0),  # "No." normalizes to no = False
+    ("orange", "nlvr2", "nlvr2/tiny-dev.json", "nlvr2", 0.0, 8),  # not a yes/no answer: wrong and unparsed
+    ("yes", "gqa", "gqa/question_dir", "gqa", 1 / 2, None),  # answers: picture, yes
+    ("picture", "gqa", "gqa/question_dir", "gqa", 1 / 2, None),
+    ("orange", "gqa", "gqa/question_dir", "gqa", 0.0, None),
+])
+def test_eval_accuracy_of_a_known_answer(capsys, tmp_path, says, answer, task, data, images, accuracy, unparsed):
+    code, out, err = run(capsys, "eval", "--model", says(answer), "--task", task, "--data", V / data,
+                         "--images", V / "images" / images, "--out", tmp_path / "run", *FAST[2:])
+    assert code == 0, err
+    result = json.loads(out)
+    assert predictions(tmp_path / "run") == [answer] * result["examples"]
+    assert result["accuracy"] == pytest.approx(accuracy)
+    if unparsed is not None:
+        assert result["unparsed_answers"] == unparsed
+
+
+def test_eval_shapes_vqa_accuracy_of_a_known_answer(capsys, tmp_path, says):
+    """The generated shapes questions: "yes" is right exactly on the exist questions whose answer is yes."""
+    from smolvlm.data.shapes import ShapesWorld, WorldConfig
+
+    world = {"question_types": ["exist", "count"]}
+    code, out, err = run(capsys, "eval", "--model", says("yes"), "--task", "shapes-vqa", "--world", json.dumps(world),
+                         "--out", tmp_path / "run", "--limit", "16", *FAST[2:])
+    assert code == 0, err
+    result = json.loads(out)
+    questions = [q for item in ShapesWorld(WorldConfig.from_dict(world), seed=0).vqa("test", 4, questions_per_image=4)
+                 for q in item.questions]
+    exist_yes = [q.answer == "yes" for q in questions if q.qtype == "exist"]
+    assert len(questions) == 16 and 0 < sum(exist_yes) < len(exist_yes)  # a figure a stuck scorer cannot give
+    assert result["accuracy"] == pytest.approx(sum(exist_yes) / 16)
+    assert result["per_answer_type"] == pytest.approx({"exist": sum(exist_yes) / len(exist_yes), "count": 0.0})
 
 
 @pytest.mark.parametrize("task, data, images, keys", [
