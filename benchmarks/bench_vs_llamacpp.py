@@ -3,6 +3,8 @@
     .venv/bin/pip install -e ".[llamacpp]"        # llama-cpp-python (compiles llama.cpp: minutes)
     .venv/bin/python benchmarks/bench_vs_llamacpp.py --threads 2 --repeat 3
     .venv/bin/python benchmarks/bench_vs_llamacpp.py --quantize int8 --json
+    SMOLVLM_CPU=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/bench_vs_llamacpp.py
+                                                   # as an AVX2-only CPU would run it (--dtype auto: float32)
 
 Both decode the same chat prompt greedily, ignoring EOS. Decode speed is measured like `smolvlm bench`:
 128 / (t136 - t8) from a 136-token and an 8-token run (prompt processing cancels out). The two engines
@@ -20,6 +22,8 @@ import torch
 from smolvlm.checkpoint import load, resolve
 from smolvlm.cli import build_messages
 from smolvlm.generation import SamplingParams, generate
+from smolvlm.runtime import cpu, kernels
+from smolvlm.runtime.quantize import quantization_summary
 
 LONG, SHORT = 136, 8
 
@@ -34,6 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="a GGUF file or packaged name")
     p.add_argument("--quantize", default="int4", choices=["int4", "int8", "none"])
+    p.add_argument("--dtype", default="auto", help="activation dtype (auto: bfloat16 with native bf16, else float32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", action="store_true")
@@ -45,7 +50,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     path = resolve(args.model)
-    model, processor = load(path, "bfloat16", quantize=None if args.quantize == "none" else args.quantize)
+    dtype = cpu.dtype_name(cpu.resolve_dtype(args.dtype))
+    model, processor = load(path, dtype, quantize=None if args.quantize == "none" else args.quantize)
     text = processor.apply_chat_template(build_messages("Write a short story about a lighthouse.", 0))
     inputs = processor(text)
     prompt = inputs["input_ids"][0].tolist()
@@ -71,14 +77,19 @@ def main() -> None:
             times["smolvlm"][n].append(timed(lambda n=n: run_ours(n)))
     tok_s = {k: (LONG - SHORT) / (min(v[LONG]) - min(v[SHORT])) for k, v in times.items()}
     same = sum(a == b for a, b in zip(run_llama(32), run_ours(32), strict=True))
+    summary = quantization_summary(model)
     result = {"model": str(path.name), "prompt_tokens": len(prompt), "threads": args.threads,
-              "smolvlm_quantize": args.quantize, "decode_tok_s": tok_s,
+              "smolvlm_quantize": args.quantize, "smolvlm_dtype": dtype, "cpu_level": cpu.level(),
+              "kernels": kernels.status()["module"],
+              "smolvlm_layers": {"int4": summary["int4"], "int8": summary["int8"], "fallbacks": summary["fallbacks"]},
+              "decode_tok_s": tok_s,
               "ratio_smolvlm_over_llamacpp": tok_s["smolvlm"] / tok_s["llama.cpp"],
               "greedy_tokens_equal_of_32": same}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{path.name}, {len(prompt)}-token prompt, {args.threads} threads, best of {args.repeat}")
+    print(f"{path.name}, {len(prompt)}-token prompt, {args.threads} threads, best of {args.repeat}, "
+          f"smolvlm {dtype} on {cpu.level()} ({summary['int4']} int4 / {summary['int8']} int8 layers)")
     print(f"  llama.cpp (Q4_1)          {tok_s['llama.cpp']:7.1f} tok/s")
     print(f"  smolvlm ({args.quantize:>4})            {tok_s['smolvlm']:7.1f} tok/s   "
           f"{result['ratio_smolvlm_over_llamacpp']:.2f}x llama.cpp")

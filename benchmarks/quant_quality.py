@@ -15,7 +15,7 @@ import json
 import torch
 
 from smolvlm.checkpoint import load, save
-from smolvlm.runtime.quantize import compare_logits, prepare_for_inference
+from smolvlm.runtime.quantize import compare_logits, prepare_for_inference, quantization_summary
 
 # Public-domain prose (Dickens, Austen, Lincoln, Melville, Darwin).
 TEXT = """It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of \
@@ -66,6 +66,8 @@ def main() -> None:
         model, _ = load(args.model, "bfloat16")
         prepare_for_inference(model, mode, group_size=group)
         rows[name] = compare_logits(ref, model, ids)
+        summary = quantization_summary(model)  # what each layer really got (int4 falls back to int8 per layer)
+        rows[name]["layers"] = {"int4": summary["int4"], "int8": summary["int8"], "fallbacks": summary["fallbacks"]}
         if mode == "int8" and args.save_int8:
             save(model, processor, args.save_int8)
     if args.json:

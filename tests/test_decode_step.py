@@ -1,104 +1,153 @@
-"""The C++ decode step (csrc/decode_step.cpp) against the eager decoder it replaces: same logits within bf16
-rounding for bf16, int8 and int4 weights, over a left-padded batch; built once per set of weights; not used
-where it does not apply; used by generation."""
+"""The C++ decode step (csrc/decode_step.cpp) against the plain eager decoder it replaces, at every ISA level this
+CPU can run: float32 (greedy tokens identical, logits within float32 sums) and bf16 (logits within bf16 rounding),
+with dense, int8 and int4 projections (and a float32 model streaming bf16 weights), over a left-padded batch;
+built once per set of weights; not used where it does not apply."""
 
 import pytest
 import torch
 
-from smolvlm.runtime import decode_step, kernels
-from smolvlm.generation import SamplingParams, generate_ids
 from smolvlm.lora import LoRAConfig, add_lora
-from smolvlm.models.decoder import KVCache
+from smolvlm.models.decoder import KVCache, rope_cos_sin
 from smolvlm.models.vlm import VLM, preset
+from smolvlm.runtime import cpu, decode_step, kernels
 from smolvlm.runtime.quantize import prepare_for_inference
 
 
-def tiny_bf16(mode=None) -> VLM:
+def at_level(monkeypatch, level: str) -> None:
+    """Run the rest of the test on `level`'s kernels (SMOLVLM_CPU); skip a level this CPU lacks."""
+    if level not in kernels.runnable_levels():
+        pytest.skip(f"this CPU cannot run {level} (its highest level is {cpu.detected_level()})")
+    monkeypatch.setenv("SMOLVLM_CPU", level)
+    ext = kernels.extension()
+    assert ext is not None and ext.level() == level, f"the {level} kernels were not built: {kernels.status()}"
+
+
+def tiny(dtype: torch.dtype, mode: str | None = None) -> VLM:
     torch.manual_seed(0)
     model = VLM(preset("tiny")).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return prepare_for_inference(model.to(torch.bfloat16), mode)
+    return prepare_for_inference(model.to(dtype), mode)
 
 
-def decode_logits(model, prompt, mask, follow, use_step: bool) -> torch.Tensor:
-    """Prefill `prompt` (B, T) left-padded as `mask` says, then feed `follow` (N, B) one token at a time:
-    the logits (N, B, V) of every step."""
-    b, t = prompt.shape
-    with torch.inference_mode():
-        cache = KVCache(model.cfg.text, b, t + len(follow), model.dtype)
-        cache.decode_step = decode_step.for_decoder(model.text_model, model.lm_head) if use_step else None
-        assert (cache.decode_step is not None) == use_step
-        model(prompt, attention_mask=mask, cache=cache, last_only=True)
-        out = []
-        for tok in follow:
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
-            out.append(model(tok[:, None], attention_mask=mask, cache=cache, last_only=True)[:, -1].float())
-    return torch.stack(out)
-
-
-def test_the_extension_builds_here():
-    # CI machines have a C++ compiler: the fast step must not silently fall back to eager there
-    assert kernels.extension() is not None
-
-
-@pytest.mark.parametrize("mode", [None, "int8", "int4"])
-def test_decode_step_matches_eager_on_a_padded_batch(mode):
-    model = tiny_bf16(mode)
-    g = torch.Generator().manual_seed(1)
+def batch(seed: int, steps: int = 12):
+    g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, 49000, (2, 40), generator=g)
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :13] = 0  # the second sequence is 13 tokens shorter: left padding
-    follow = torch.randint(0, 49000, (12, 2), generator=g)
-    eager = decode_logits(model, prompt, mask, follow, use_step=False)
-    fast = decode_logits(model, prompt, mask, follow, use_step=True)
+    return prompt, mask, torch.randint(0, 49000, (steps, 2), generator=g)
+
+
+@torch.inference_mode()
+def decode(model, prompt, mask, follow, step=None, greedy: bool = False):
+    """Prefill `prompt` (B, T) eagerly, then `len(follow)` one-token steps, eager (step None) or through
+    step.run + step.logits. Feeds `follow` (N, B), or with greedy each step's argmax. Returns the logits
+    (N, B, V) float32 and the tokens fed (N, B)."""
+    b, t = prompt.shape
+    cfg = model.cfg.text
+    cache = KVCache(cfg, b, t + len(follow), model.dtype)
+    logits = model(prompt, attention_mask=mask, cache=cache, last_only=True)[:, -1]
+    out, fed = [], []
+    for i in range(len(follow)):
+        tok = logits.argmax(-1) if greedy else follow[i]
+        fed.append(tok)
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+        if step is None:
+            logits = model(tok[:, None], attention_mask=mask, cache=cache, last_only=True)[:, -1]
+        else:
+            x = model.embed(tok[:, None])  # (B, 1, D)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+            cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+            key_mask = None if bool(mask.all()) else mask.bool()
+            h = step.run(x[:, 0], cache.k, cache.v, cache.length, cos[:, 0], sin[:, 0], key_mask)
+            cache.length += 1
+            logits = step.logits(model.text_model.norm(h[:, None]))[:, -1]
+        out.append(logits.float())
+    return torch.stack(out), torch.stack(fed)
+
+
+def test_this_cpus_level_is_built():
+    # CI machines have a C++ compiler: the fast step must not silently fall back to eager there
+    ext = kernels.extension()
+    assert ext is not None, f"no C++ kernels for {cpu.level()}: {kernels.status()}"
+    assert ext.level() == cpu.level()
+
+
+@pytest.mark.parametrize("level", cpu.LEVELS)
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_float32_step_matches_eager_tokens_and_logits(monkeypatch, level, mode):
+    at_level(monkeypatch, level)
+    model = tiny(torch.float32, mode)
+    step = decode_step.for_decoder(model.text_model, model.lm_head)
+    assert step is not None
+    prompt, mask, follow = batch(1)
+    eager, eager_tokens = decode(model, prompt, mask, follow, greedy=True)
+    fast, fast_tokens = decode(model, prompt, mask, follow, step, greedy=True)
+    assert torch.equal(eager_tokens, fast_tokens)
+    assert (eager - fast).abs().max() < 1e-4 * eager.abs().max()  # float32 sums in another order only
+
+
+@pytest.mark.parametrize("level", cpu.LEVELS)
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_bf16_step_matches_eager_logits(monkeypatch, level, mode):
+    at_level(monkeypatch, level)
+    model = tiny(torch.bfloat16, mode)
+    step = decode_step.for_decoder(model.text_model, model.lm_head)
+    prompt, mask, follow = batch(2)
+    eager, _ = decode(model, prompt, mask, follow)
+    fast, _ = decode(model, prompt, mask, follow, step)
     cos = torch.nn.functional.cosine_similarity(eager, fast, dim=-1)
     assert cos.min() > 0.9995, cos.min()
     # bf16 rounding apart only: a few bf16 steps of the logits' scale
     assert (eager - fast).abs().max() < 0.05 * eager.abs().max()
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
-@pytest.mark.parametrize("b, k, n", [(1, 64, 40), (3, 96, 8), (16, 32, 4), (17, 64, 40), (2, 48, 40), (1, 64, 42)])
-def test_projection_matches_aten(kind, b, k, n):
-    """The step's own matmul (a streaming GEMV for a few rows, K a multiple of 32, N of 4) and its ATen fallback
-    for every other shape: both equal ATen's result within one bf16 rounding of the output."""
-    from smolvlm.runtime.quantize import Int8Linear
-
-    g = torch.Generator().manual_seed(b * 1000 + k + n)
-    x = torch.randn(b, k, generator=g).to(torch.bfloat16)
-    w = torch.randn(n, k, generator=g)
-    if kind == "int8":
-        lin = Int8Linear.from_float(w, torch.bfloat16)
-        args = (1, lin.weight, lin.weight_scale, 0)
-        ref = torch.ops.aten._weight_int8pack_mm(x, lin.weight, lin.weight_scale).float()
-        exact = x.float() @ lin.dequantize().t()
-    else:
-        args = (0, w.to(torch.bfloat16), torch.empty(0), 0)
-        ref = torch.nn.functional.linear(x, args[1]).float()
-        exact = x.float() @ args[1].float().t()
-    out = kernels.extension().project(x, *args).float()
-    assert out.shape == (b, n)
-    tol = exact.abs() * 2**-7 + 1e-3 * exact.abs().max()  # one bf16 rounding of each output, plus fp32 sums
-    assert ((out - exact).abs() <= tol).all()
-    assert ((ref - exact).abs() <= tol).all()
+@pytest.mark.parametrize("level", cpu.LEVELS)
+def test_float32_model_with_bf16_decoder_weights(monkeypatch, level):
+    """A float32 model whose decoder projections are stored in bf16 (exactly: they were rounded first) runs the
+    step with float32 activations and the weights converted on the fly: the eager float32 model's tokens."""
+    at_level(monkeypatch, level)
+    model = tiny(torch.float32)
+    mixed = tiny(torch.float32)
+    with torch.no_grad():
+        for block in model.text_model.layers:
+            for lin in (*[getattr(block.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
+                        *[getattr(block.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
+                lin.weight.copy_(lin.weight.to(torch.bfloat16).float())
+        for block in mixed.text_model.layers:
+            for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj",
+                                                                                                    "up_proj"))):
+                for n in names:
+                    getattr(parent, n).to(torch.bfloat16)
+                parent.__dict__.pop("_fused")
+            block.self_attn.o_proj.to(torch.bfloat16)
+            block.mlp.down_proj.to(torch.bfloat16)
+    prepare_for_inference(mixed)  # fuse the bf16 projections again
+    step = decode_step.for_decoder(mixed.text_model, mixed.lm_head)
+    assert step is not None and mixed.text_model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    prompt, mask, follow = batch(3)
+    eager, eager_tokens = decode(model, prompt, mask, follow, greedy=True)
+    fast, fast_tokens = decode(model, prompt, mask, follow, step, greedy=True)
+    assert torch.equal(eager_tokens, fast_tokens)
+    assert (eager - fast).abs().max() < 1e-4 * eager.abs().max()
 
 
 def test_the_steps_logits_are_the_lm_heads():
-    for mode in (None, "int8"):
-        model = tiny_bf16(mode)
+    for dtype, mode in ((torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, None)):
+        model = tiny(dtype, mode)
         step = decode_step.for_decoder(model.text_model, model.lm_head)
-        h = torch.randn(3, 1, model.cfg.text.hidden_size).to(torch.bfloat16)
+        h = torch.randn(3, 1, model.cfg.text.hidden_size).to(dtype)
         with torch.inference_mode():
-            ref, out = model.lm_head(h).float(), step.logits(h).float()
-        assert out.shape == ref.shape == (3, 1, model.cfg.text.vocab_size)
-        assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+            ref, out = model.lm_head(h).float(), step.logits(h)
+        assert out.dtype == dtype and out.shape == (3, 1, model.cfg.text.vocab_size)
+        assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 def test_padding_is_ignored():
     """A padded sequence's logits do not depend on what sits in its padding."""
-    model = tiny_bf16()
+    model = tiny(torch.bfloat16)
+    step = decode_step.for_decoder(model.text_model, model.lm_head)
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, 49000, (2, 20), generator=g)
     other = prompt.clone()
@@ -106,32 +155,30 @@ def test_padding_is_ignored():
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, :7] = 0
     follow = torch.randint(0, 49000, (5, 2), generator=g)
-    a = decode_logits(model, prompt, mask, follow, use_step=True)
-    b = decode_logits(model, other, mask, follow, use_step=True)
+    a, _ = decode(model, prompt, mask, follow, step)
+    b, _ = decode(model, other, mask, follow, step)
     assert torch.equal(a[:, 1], b[:, 1])
 
 
 def test_built_once_per_weights_and_only_where_it_applies():
-    model = tiny_bf16()
+    model = tiny(torch.bfloat16)
     step = decode_step.for_decoder(model.text_model)
     assert step is not None and decode_step.for_decoder(model.text_model) is step
-    # float32 (the exact reference path) and unfused projections stay eager
-    assert decode_step.for_decoder(prepare_for_inference(VLM(preset("tiny")).eval()).text_model) is None
+    assert decode_step.for_decoder(tiny(torch.float32).text_model) is not None
+    # float16 activations and unfused projections stay eager
+    assert decode_step.for_decoder(prepare_for_inference(VLM(preset("tiny")).eval().half()).text_model) is None
     assert decode_step.for_decoder(VLM(preset("tiny")).to(torch.bfloat16).text_model) is None
     # LoRA wraps the projections: the step's weights are no longer the model's
     add_lora(model, LoRAConfig(rank=2, targets=["q_proj", "v_proj"]))
     assert decode_step.for_decoder(model.text_model) is None
 
 
-def test_generation_runs_its_steps_through_it(monkeypatch):
-    model = tiny_bf16("int8")
-    calls = []
-    run = decode_step.DecodeStep.run
-    monkeypatch.setattr(decode_step.DecodeStep, "run", lambda self, *a: calls.append(1) or run(self, *a))
-    ids = torch.randint(0, 49000, (1, 9), generator=torch.Generator().manual_seed(3))
-    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    fast = [int(t) for t, _, _ in generate_ids(model, ids, None, params, set())]
-    assert len(calls) == 5  # every token after the first (which comes from the prefill)
-    monkeypatch.setenv("SMOLVLM_DECODE_STEP", "0")
-    eager = [int(t) for t, _, _ in generate_ids(model, ids, None, params, set())]
-    assert len(calls) == 5 and len(eager) == len(fast) == 6  # (logits: compared teacher-forced above)
+def test_the_step_refuses_activations_of_another_dtype():
+    model = tiny(torch.float32)
+    step = decode_step.for_decoder(model.text_model)
+    cfg = model.cfg.text
+    cache = KVCache(cfg, 1, 4, torch.float32)
+    x = torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16)
+    cos = sin = torch.zeros(1, cfg.head_dim)
+    with pytest.raises(RuntimeError, match="x must be"):
+        step.run(x, cache.k, cache.v, 0, cos, sin, None)

@@ -16,15 +16,38 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "interest me on shore, I thought I would sail about a little and see the watery part of the world.")
 
 
+def int4_reference(sd: dict, group: int) -> torch.Tensor:
+    """W (N, K) float32 from a saved int4 layer's integers and scales, in plain PyTorch (no kernel)."""
+    packed, scale, zero = sd["weight"], sd["weight_scale"].float(), sd["weight_zero"].float()
+    n, k = packed.shape[0], packed.shape[1] * 2
+    q = torch.empty(n, k)
+    q[:, 0::2], q[:, 1::2] = (packed & 15).float(), (packed >> 4).float()  # even input in the low nibble
+    return ((q.view(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).view(n, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_quantized_linear_matches_its_dequantized_weight(cls):
+def test_quantized_linear_matches_its_dequantized_weight(cls, dtype):
+    """A few rows (the C++ streaming kernel) and many (ATen's int8 kernel / int4 dequantized for F.linear) against
+    x @ W^T in float32, W rebuilt from the stored integers and scales."""
     torch.manual_seed(0)
     w = torch.randn(96, 128)
-    q = cls.from_float(w, torch.float32)
-    x = torch.randn(5, 3, 128)
-    ref = x @ q.dequantize().t()
-    assert (q(x) - ref).abs().max() < 1e-3
-    rel = (q.dequantize() - w).norm() / w.norm()
+    q = cls.from_float(w, dtype)
+    sd = q.state_dict()
+    if cls is Int8Linear:
+        ref_w = sd["weight"].float() * sd["weight_scale"].float()[:, None]
+    else:
+        assert set(sd) == {"weight", "weight_scale", "weight_zero"} and sd["weight"].shape == (96, 64)
+        ref_w = int4_reference(sd, q.group_size)
+    assert torch.equal(q.dequantize(), ref_w)
+    for rows in (1, 5, 16, 40):
+        x = torch.randn(rows, 128).to(dtype)
+        ref = x.float() @ ref_w.t()
+        out = q(x[None])[0]
+        assert out.dtype == dtype and out.shape == (rows, 96)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: one rounding of the output (and of W at many rows)
+        assert (out.float() - ref).abs().max() < tol * ref.abs().max(), rows
+    rel = (ref_w - w).norm() / w.norm()
     assert rel < (0.01 if cls is Int8Linear else 0.1)
 
 
@@ -33,8 +56,38 @@ def test_int4_state_dict_round_trip():
     q = Int4Linear.from_float(torch.randn(64, 96), torch.bfloat16, group_size=32)
     sd = q.state_dict()
     assert sd["weight"].dtype == torch.uint8 and sd["weight"].shape == (64, 48)
+    assert sd["weight_scale"].shape == sd["weight_zero"].shape == (64, 3)
     again = Int4Linear.from_saved(sd["weight"], sd["weight_scale"], sd["weight_zero"], torch.bfloat16)
-    assert torch.equal(again.packed, q.packed) and torch.equal(again.scales_and_zeros, q.scales_and_zeros)
+    assert again.group_size == 32 and torch.equal(again.sz, q.sz)
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, sd[key])
+    with pytest.raises(SmolVLMError, match="does not fit"):
+        Int4Linear.from_saved(sd["weight"], torch.ones(64, 5), torch.ones(64, 5), torch.bfloat16)  # 96 % 5
+
+
+def test_int4_kernel_scales_are_bf16_when_that_is_exact():
+    w = torch.randn(32, 64)
+    assert Int4Linear.from_float(w, torch.float32).sz.dtype == torch.bfloat16  # from_float rounds them to bf16
+    exact = Int4Linear.from_float(w, torch.float32)
+    odd = Int4Linear(exact.weight, exact.weight_scale * (1 + 2**-12), exact.weight_zero, 32)
+    assert odd.sz.dtype == torch.float32  # not representable in bf16: kept in float32
+
+
+def test_quantization_summary_names_the_int8_fallbacks():
+    from smolvlm.models.vlm import VLM, preset
+    from smolvlm.runtime.quantize import quantization_summary, quantize_model
+
+    model = VLM(preset("tiny")).eval()  # hidden 64, intermediate 128
+    quantize_model(model, "int4", group_size=128)  # only down_proj (128 inputs) can be grouped by 128
+    s = quantization_summary(model)
+    assert s["mode"] == "int4" and s["int4"] == 2 and s["int8"] == 2 * 6 + 1
+    assert "lm_head" in s["int8_layers"] and "lm_head" not in s["fallbacks"]
+    assert set(s["fallbacks"]) == {f"text_model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj")}
+    assert "not a multiple of the int4 group size 128" in s["fallbacks"]["text_model.layers.0.mlp.up_proj"]
+    plain = quantization_summary(VLM(preset("tiny")))
+    assert plain["mode"] is None and plain["int4"] == plain["int8"] == 0 and not plain["int8_layers"]
 
 
 @pytest.fixture(scope="module")

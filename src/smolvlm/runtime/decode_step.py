@@ -1,10 +1,18 @@
-"""The decoder's decoding step (one new token per sequence, bf16) as one C++ call: csrc/decode_step.cpp.
+"""The decoder's decoding step (one new token per sequence) as one C++ call: csrc/decode_step.cpp.
 
 Eager PyTorch spends ~7 ms per token on the small ops between the decoder's matmuls (docs/speed.md), and ATen's
-matrix-vector kernels read weights at half the memory's speed; the C++ step does the small ops in plain loops
-and streams the bf16 / int8 weights through its own matmul (int4: ATen's kernel). It is one of the C++
-kernels (kernels.py: compiled on first use); without a compiler (or with SMOLVLM_DECODE_STEP=0), decoding stays
-on the eager path (same results within bf16 rounding).
+matrix-vector kernels read weights at about half the memory's speed; the C++ step does the small ops in plain
+loops and streams the weights through its own matmul (csrc/gemv.cpp). It is one of the C++ kernels (kernels.py:
+compiled per ISA level on first use); without a compiler (or with SMOLVLM_DECODE_STEP=0), decoding stays on the
+eager path (same results within rounding).
+
+Activations (hidden states, norm weights, KV cache) are bf16 or float32, one dtype for the whole step (the norm
+weights' dtype). Projection kinds, and the weight dtypes each accepts with either activation dtype:
+    0 dense  weight (N, K) bf16 or float32 (float32 activations with bf16 weights: converted on the fly)
+    1 int8   weight (N, K) int8, scale (N,) bf16 or float32                    (quantize.Int8Linear)
+    2 int4   weight (N, K/2) uint8, even input in the low nibble; scale (N, K/g, 2) bf16 or float32 holding
+             (scale, zero): W = (q - 8) * scale + zero                          (quantize.Int4Linear's sz)
+`ext.project(x, kind, weight, scale, group)` runs one of them by itself (x (B, K) -> (B, N) in x's dtype).
 
     step = for_decoder(model.text_model, model.lm_head)  # after quantize.prepare_for_inference; None when
     cache.decode_step = step       # unsupported. Decoder.forward then runs one-token steps through it and
@@ -20,6 +28,8 @@ from torch import nn
 
 from smolvlm.runtime import kernels
 
+ACT_DTYPES = (torch.bfloat16, torch.float32)  # the step's activation dtypes (and a dense weight's)
+
 
 def _projection(m) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
     """(kind, weight, scale, group size) of a projection the C++ step can run, else None."""
@@ -28,38 +38,47 @@ def _projection(m) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
     empty = torch.empty(0)
     if isinstance(m, Fused):
         if m.kind == "float":
-            return (0, m.weight, empty, 0) if m.bias is None else None
+            return (0, m.weight, empty, 0) if m.bias is None and m.weight.dtype in ACT_DTYPES else None
         if m.kind == "int8":
             return 1, m.weight, m.scale, 0
-        return 2, m.packed, m.sz, m.group_size
+        return 2, m.weight, m.sz, m.group_size
     if type(m) is nn.Linear:
-        return (0, m.weight, empty, 0) if m.bias is None else None
+        return (0, m.weight, empty, 0) if m.bias is None and m.weight.dtype in ACT_DTYPES else None
     if isinstance(m, Int8Linear):
         return 1, m.weight, m.weight_scale, 0
     if isinstance(m, Int4Linear):
-        return 2, m.packed, m.scales_and_zeros, m.group_size
+        return 2, m.weight, m.sz, m.group_size
     return None
+
+
+def _fused(parent: nn.Module):
+    """parent's Fused projections: the `fused` attribute of runtime/modules.py's classes, or what quantize.fuse
+    left in `_fused`."""
+    return getattr(parent, "fused", None) or parent.__dict__.get("_fused")
 
 
 def _collect(decoder) -> tuple[list[list[torch.Tensor]], list[int], int] | None:
     """Per layer the tensors the C++ step reads (two norms, then weight and scale of qkv, o, gate_up, down),
-    the projections' kinds and the int4 group size; None for a decoder it does not run (float32, LoRA, layer
+    the projections' kinds and the int4 group size; None for a decoder it does not run (float16, LoRA, layer
     repeats, cross-attention, unfused projections)."""
     cfg = decoder.cfg
     if cfg.layer_repeats != 1 or getattr(decoder, "cross_attention_every", 0):
         return None
-    if decoder.norm.weight.dtype != torch.bfloat16 or cfg.head_dim > 512:
+    dtype = decoder.norm.weight.dtype  # the activation dtype
+    if dtype not in ACT_DTYPES or cfg.head_dim > 512:
         return None
     tensors, kinds, groups = [], [], set()
     for block in decoder.layers:
         attn, mlp = block.self_attn, block.mlp
-        fused_qkv, fused_gu = attn.__dict__.get("_fused"), mlp.__dict__.get("_fused")
+        fused_qkv, fused_gu = _fused(attn), _fused(mlp)
         if fused_qkv is None or fused_gu is None or not (fused_qkv.intact(attn) and fused_gu.intact(mlp)):
             return None
         projs = [_projection(p) for p in (fused_qkv, attn.o_proj, fused_gu, mlp.down_proj)]
         if any(p is None for p in projs):
             return None
         layer = [block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()]
+        if any(t.dtype != dtype for t in layer):
+            return None
         for kind, weight, scale, group in projs:
             layer += [weight.detach(), scale.detach()]
             kinds.append(kind)
@@ -104,13 +123,14 @@ class DecodeStep:
         if self.head is None:
             return self.lm_head(h)
         kind, weight, scale, group = self.head
-        return self.ext.project(h[:, 0].to(torch.bfloat16), kind, weight, scale, group)[:, None]
+        x = h[:, 0] if h.dtype in ACT_DTYPES else h[:, 0].float()
+        return self.ext.project(x, kind, weight, scale, group)[:, None]
 
 
 def for_decoder(decoder, lm_head: nn.Module | None = None) -> DecodeStep | None:
     """The decoder's C++ step (built once per set of weights), or None when it cannot run this decoder or
     SMOLVLM_DECODE_STEP=0 (to compare against the eager path). With the model's lm_head, `logits` runs it
-    through the step's matmul too (bf16 / int8: twice ATen's speed at a few rows)."""
+    through the step's matmul too (twice ATen's speed at a few rows)."""
     if os.environ.get("SMOLVLM_DECODE_STEP", "1") == "0":
         return None
     collected = _collect(decoder)

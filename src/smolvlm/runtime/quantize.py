@@ -3,12 +3,16 @@
 A linear layer y = x W^T with W (N out, K in):
 
     int8  W ~= q * s                      q int8 (N, K), s (N,) per output channel
-          -> torch.ops.aten._weight_int8pack_mm (x stays bfloat16; the kernel dequantizes on the fly)
-    int4  W ~= (q - 8) * s + z            q in [0, 15] (N, K), s and z (N, K / g) per group of g inputs
-          -> torch.ops.aten._weight_int4pack_mm_for_cpu (tinygemm's layout: q packed two per byte)
+    int4  W ~= (q - 8) * s + z            q in [0, 15] (N, K) stored two per byte (N, K/2) uint8, the even input
+                                          in the low nibble; s and z (N, K / g) per group of g inputs
 
-Decoding one token reads every weight once, so on a CPU its cost is the bytes read: int8 halves them,
-int4 quarters them. Activations stay in the model's dtype (weight-only quantization).
+Both layouts are what the state dict saves and what the C++ kernels read (csrc/gemv.cpp: kinds 1 and 2), so
+loading and saving never repack. A few rows (decoding) go through that kernel, which converts the weights on
+the fly; more rows (a prompt) through ATen's int8 kernel, or for int4 ATen's int4 kernel on a copy in its own
+layout (bf16 with native bf16 only, derived on first use) or else the weight dequantized to the activation dtype
+and F.linear. Decoding one token reads every weight once,
+so on a CPU its cost is the bytes read: int8 halves them, int4 (with its scales) makes them ~5/16.
+Activations stay in the model's dtype (weight-only quantization).
 
 Fusion: q/k/v (and gate/up) read the same input, so one matmul over their concatenated rows replaces
 three (two) calls. The fused weight owns the storage and each projection's weight becomes a view of its
@@ -22,12 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.runtime import cpu, kernels
 
 QUANTIZE_MODES = ("int8", "int4")
 # inputs per int4 scale/zero pair. 32 rather than 64: SmolLM2's released GGUF weights sit on a Q4_1 grid
 # of 32-input groups, which int4 g32 reproduces (top-1 agreement with bf16 96% vs 70% for g64, measured:
 # benchmarks/quant_quality.py) for ~10% more kernel time.
 INT4_GROUP_SIZE = 32
+# up to this many rows a quantized layer runs the C++ streaming kernel (csrc/gemv.cpp's kMaxB)
+GEMV_ROWS = 16
 DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -43,6 +50,11 @@ def check_mode(mode: str | None) -> str | None:
 # quantized linear layers
 
 
+def _kernel(rows: int):
+    """The C++ kernels when a matmul of `rows` rows should use their streaming GEMV, else None."""
+    return kernels.extension() if rows <= GEMV_ROWS else None
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 linear, one scale per output channel (symmetric, no bias)."""
 
@@ -51,6 +63,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight)  # (N, K) int8
         self.register_buffer("weight_scale", scale)  # (N,) in the activation dtype
+        self.fallback: str | None = None  # why an int4 model holds this layer in int8 (quantization_summary)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "Int8Linear":
@@ -60,10 +73,7 @@ class Int8Linear(nn.Module):
         return cls(q, scale.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.weight_scale.dtype)  # the kernel takes 2-D input only
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale)
-        return y.view(*shape[:-1], self.out_features)
+        return int8_linear(x, self.weight, self.weight_scale)
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.weight_scale.float()[:, None]
@@ -72,22 +82,87 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ (weight * scale)^T in scale's dtype (the activation dtype)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(scale.dtype)  # the kernels take 2-D input only
+    ext = _kernel(x2.shape[0])
+    if ext is not None:
+        y = ext.project(x2, 1, weight, scale, 0)
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(x2, weight, scale)
+    return y.view(*shape[:-1], weight.shape[0])
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) values in [0, 15] -> (N, K/2) uint8, input 2j in the low nibble of byte j, 2j+1 in the high one."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> q (N, K) uint8 in [0, 15] (pack_int4's inverse)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def _scales_for_kernel(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The kernel's (N, K/g, 2) (scale, zero) pairs: bf16 when that holds them exactly (5 bits read per weight
+    instead of 6), else float32."""
+    sz = torch.stack([scale, zero], dim=-1).float()
+    as_bf16 = sz.to(torch.bfloat16)
+    return as_bf16.contiguous() if torch.equal(as_bf16.float(), sz) else sz.contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K/2) packed nibbles and (N, K/g, 2) (scale, zero) -> W (N, K) in `dtype`."""
+    n = packed.shape[0]
+    q = unpack_int4(packed).view(n, -1, group_size).float()
+    sz = sz.float()
+    return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(n, -1).to(dtype)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int, dtype: torch.dtype,
+                derived: dict | None = None) -> torch.Tensor:
+    """x (..., K) @ W^T in `dtype` (the activation dtype) for W stored as pack_int4 nibbles and (scale, zero).
+    `derived`: the owner's cache of ATen's packed copy (below), made on first use and remade if W moves."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(dtype)
+    ext = _kernel(x2.shape[0])
+    if ext is not None:
+        y = ext.project(x2, 2, packed, sz, group_size)
+    elif derived is not None and dtype == torch.bfloat16 and cpu.native_bf16():
+        # a bf16 prompt with native bf16: ATen's int4 kernel beats dequantizing (about 2x at 900 rows, measured)
+        # but wants its own layout, derived once from the stored one
+        key = (packed.data_ptr(), sz.data_ptr(), sz.dtype)
+        if derived.get("key") != key:
+            q = unpack_int4(packed).to(torch.int32)
+            derived["key"] = key
+            derived["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            derived["sz"] = sz.transpose(0, 1).to(dtype).contiguous()  # (K/g, N, 2)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, derived["packed"], group_size, derived["sz"])
+    else:  # elsewhere (float32: ATen's int4 kernel is far slower there) one dequantized copy per call
+        y = F.linear(x2, dequantize_int4(packed, sz, group_size, dtype))
+    return y.view(*shape[:-1], packed.shape[0])
+
+
 class Int4Linear(nn.Module):
     """Weight-only int4 linear, asymmetric, one (scale, zero) per group of `group_size` inputs (no bias).
 
-    The state dict holds a portable form (`weight` uint8 (N, K/2): two 4-bit values per byte, the even
-    input in the low nibble; `weight_scale`, `weight_zero` (N, K/g)); the CPU kernel's packed layout is
-    built from it at load time and never saved."""
+    The state dict holds the layout the kernels read (`weight` uint8 (N, K/2): two 4-bit values per byte, the
+    even input in the low nibble; `weight_scale`, `weight_zero` (N, K/g) in the activation dtype); the only
+    derived tensor is `sz`, the (N, K/g, 2) pairs the kernel reads, made at construction and never saved."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
         super().__init__()
-        n, k = q.shape
+        n, k = packed.shape[0], packed.shape[1] * 2
+        if packed.dtype != torch.uint8 or scale.shape != (n, k // group_size) or zero.shape != scale.shape:
+            raise SmolVLMError(f"int4 layer: weight {tuple(packed.shape)} {packed.dtype}, scale "
+                               f"{tuple(scale.shape)} and zero {tuple(zero.shape)} do not fit groups of {group_size}")
         self.in_features, self.out_features, self.group_size = k, n, group_size
-        # tinygemm's layout: int4 packed (N, K/2) + scales_and_zeros (K/g, N, 2) in the activation dtype
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2),
-                             persistent=False)
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous(),
-                             persistent=False)
+        self.register_buffer("weight", packed.contiguous())  # (N, K/2) uint8
+        self.register_buffer("weight_scale", scale)  # (N, K/g) in the activation dtype
+        self.register_buffer("weight_zero", zero)
+        self.register_buffer("sz", _scales_for_kernel(scale, zero), persistent=False)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group_size: int = INT4_GROUP_SIZE) -> "Int4Linear":
@@ -95,46 +170,30 @@ class Int4Linear(nn.Module):
         wf = w.detach().float().reshape(n, k // group_size, group_size)
         lo, hi = wf.amin(dim=-1), wf.amax(dim=-1)  # (N, K/g)
         scale = ((hi - lo) / 15).clamp(min=1e-8)
-        zero = lo + 8 * scale  # tinygemm dequantizes as (q - 8) * scale + zero
-        # round scale and zero to the activation dtype first, so q is chosen for the values the kernel uses
-        scale, zero = scale.to(dtype), zero.to(dtype)
+        zero = lo + 8 * scale  # dequantized as (q - 8) * scale + zero
+        # scale and zero rounded to bf16 whatever the activation dtype (the kernel then reads them as bf16: fewer
+        # bytes per weight), and q chosen for the rounded values
+        scale, zero = scale.to(torch.bfloat16).to(dtype), zero.to(torch.bfloat16).to(dtype)
         q = torch.round((wf - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
-        return cls(q.reshape(n, k).to(torch.uint8), scale, zero, group_size)
+        return cls(pack_int4(q.reshape(n, k)), scale, zero, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.scales_and_zeros.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-        return y.view(*shape[:-1], self.out_features)
+        return int4_linear(x, self.weight, self.sz, self.group_size, self.weight_scale.dtype,
+                           self.__dict__.setdefault("_derived", {}))
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q uint8 (N, K), scale (N, K/g), zero (N, K/g)), recovered from the kernel's layout by
-        dequantizing the identity (the packed layout itself is an implementation detail of the kernel)."""
-        n, k, g = self.out_features, self.in_features, self.group_size
-        sz = self.scales_and_zeros.float()  # (K/g, N, 2)
-        scale, zero = sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
-        # W^T = kernel(I): exact, every product is one weight value times 1
-        eye = torch.eye(k, dtype=torch.float32)
-        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, g, self.scales_and_zeros.float()).t()
-        q = torch.round((w.reshape(n, k // g, g) - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
-        return q.reshape(n, k).to(torch.uint8), self.scales_and_zeros[..., 0].t(), self.scales_and_zeros[..., 1].t()
+        """(q uint8 (N, K) in [0, 15], scale (N, K/g), zero (N, K/g))."""
+        return unpack_int4(self.weight), self.weight_scale, self.weight_zero
 
     def dequantize(self) -> torch.Tensor:
-        q, scale, zero = self.unpacked()
-        n, k, g = self.out_features, self.in_features, self.group_size
-        w = (q.float().reshape(n, k // g, g) - 8) * scale.float()[..., None] + zero.float()[..., None]
-        return w.reshape(n, k)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        q, scale, zero = self.unpacked()
-        destination[prefix + "weight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # (N, K/2) uint8
-        destination[prefix + "weight_scale"] = scale.contiguous()
-        destination[prefix + "weight_zero"] = zero.contiguous()
+        return dequantize_int4(self.weight, torch.stack([self.weight_scale, self.weight_zero], -1), self.group_size,
+                               torch.float32)
 
     @classmethod
     def from_saved(cls, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
-        q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)  # (N, K)
-        return cls(q, scale.to(dtype), zero.to(dtype), q.shape[1] // scale.shape[1])
+        if scale.dim() != 2 or scale.shape[1] == 0 or (packed.shape[1] * 2) % scale.shape[1]:
+            raise SmolVLMError(f"int4 layer: scale {tuple(scale.shape)} does not fit weight {tuple(packed.shape)}")
+        return cls(packed, scale.to(dtype), zero.to(dtype), packed.shape[1] * 2 // scale.shape[1])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g={self.group_size}"
@@ -146,8 +205,30 @@ def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype, group_siz
     if mode == "int8":
         return Int8Linear.from_float(linear.weight, dtype)
     if linear.in_features % group_size:
-        return Int8Linear.from_float(linear.weight, dtype)  # cannot group it: int8 is the safe fallback
+        # cannot group it: int8 is the safe fallback, recorded so quantization_summary can say so
+        layer = Int8Linear.from_float(linear.weight, dtype)
+        layer.fallback = f"in_features {linear.in_features} is not a multiple of the int4 group size {group_size}"
+        return layer
     return Int4Linear.from_float(linear.weight, dtype, group_size)
+
+
+def quantization_summary(model) -> dict:
+    """What the model's quantized layers actually are: {"mode", "group_size", "int4": count, "int8": count,
+    "int8_layers": [names of the int8 layers of an int4 model], "fallbacks": {name: why int8, not int4}}.
+    The int4 mode keeps the output head int8 on purpose (it is listed among int8_layers, without a fallback)."""
+    q = getattr(model, "quantization", None) or {}
+    counts, int8_layers, fallbacks = {"int4": 0, "int8": 0}, [], {}
+    for name, m in model.named_modules():
+        if isinstance(m, Int4Linear):
+            counts["int4"] += 1
+        elif isinstance(m, Int8Linear):
+            counts["int8"] += 1
+            if q.get("mode") == "int4":
+                int8_layers.append(name)
+            if getattr(m, "fallback", None):
+                fallbacks[name] = m.fallback
+    return {"mode": q.get("mode"), "group_size": q.get("group_size"), **counts, "int8_layers": int8_layers,
+            "fallbacks": fallbacks}
 
 
 def quantize_model(model, mode: str, group_size: int = INT4_GROUP_SIZE, lm_head: bool = True):
@@ -187,7 +268,7 @@ def _primary(m) -> torch.Tensor | None:
     if isinstance(m, Int8Linear):
         return m.weight
     if isinstance(m, Int4Linear):
-        return m.packed
+        return m.weight
     return None
 
 
@@ -222,19 +303,18 @@ class Fused:
                 m.weight, m.weight_scale = self.weight[row : row + n], self.scale[row : row + n]
                 row += n
             self.kind = "int8"
-        else:
-            self.sz = torch.cat([m.scales_and_zeros for m in mods], dim=1)  # (K/g, sum N, 2)
+        else:  # int4: rows concatenate as they are in the portable layout
+            self.weight = torch.cat([m.weight for m in mods])  # (sum N, K/2)
+            # (sum N, K/g, 2); float32 if any part needs it (bf16 only where every part is exact in it)
+            sz_dtype = torch.float32 if any(m.sz.dtype == torch.float32 for m in mods) else torch.bfloat16
+            self.sz = torch.cat([m.sz.to(sz_dtype) for m in mods])
+            self.dtype = m0.weight_scale.dtype
+            self.derived: dict = {}  # int4_linear's copy in ATen's layout (bf16 prompts), made on first use
             self.group_size = m0.group_size
-            if all(n % 64 == 0 for n in self.sizes):
-                # tinygemm's CPU layout packs rows in blocks of 64: such blocks concatenate as they are
-                self.packed = torch.cat([m.packed for m in mods])
-                row = 0
-                for m, n in zip(mods, self.sizes, strict=True):
-                    m.packed, m.scales_and_zeros = self.packed[row : row + n], self.sz[:, row : row + n]
-                    row += n
-            else:  # other row counts: pack the concatenation anew (the parts keep their own copies)
-                q = torch.cat([m.unpacked()[0] for m in mods]).to(torch.int32)
-                self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            row = 0
+            for m, n in zip(mods, self.sizes, strict=True):
+                m.weight, m.sz = self.weight[row : row + n], self.sz[row : row + n]
+                row += n
             self.kind = "int4"
         self.ptrs = [_primary(m).data_ptr() for m in mods]
 
@@ -253,14 +333,9 @@ class Fused:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "float":
             return F.linear(x, self.weight, self.bias)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
         if self.kind == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.scale.dtype), self.weight, self.scale)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.sz.dtype), self.packed, self.group_size,
-                                                            self.sz)
-        return y.view(*shape[:-1], y.shape[-1])
+            return int8_linear(x, self.weight, self.scale)
+        return int4_linear(x, self.weight, self.sz, self.group_size, self.dtype, self.derived)
 
 
 def fuse(parent: nn.Module, names: tuple[str, ...]) -> Fused | None:
@@ -306,6 +381,8 @@ def adopt_quantized(model, state: dict[str, torch.Tensor], quantization: dict, s
         # the int8 kernel's vector loads crash on a misaligned weight (seen with torch 2.13)
         w, scale = w.clone(), scale.clone()
         layer = Int8Linear(w, scale) if zero is None else Int4Linear.from_saved(w, scale, zero, scale.dtype)
+        if zero is None and quantization.get("mode") == "int4" and prefix != "lm_head":
+            layer.fallback = "saved as int8 in an int4 checkpoint"
         parent, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
         replaced.add(prefix + ".weight")
