@@ -325,8 +325,12 @@ if [[ $FRESH -eq 1 && -d "$ROOTFS" ]]; then
 fi
 mkdir -p "$ARM_ROOT_DIR"
 trap cleanup EXIT
+# a signal is a failure: without these the EXIT trap would see status 0 and print PASS
+trap 'RESULT_DETAIL="interrupted"; exit 130' INT
+trap 'RESULT_DETAIL="terminated"; exit 143' TERM
 say "log of this run: $LOG; host $HOST_ARCH, root $ROOTFS, $TORCH_SPEC, repo $REPO"
-exec > >(tee "$LOG") 2>&1
+# tee ignores INT/TERM so that the summary of an interrupted run still reaches the terminal and the log
+exec > >(trap '' INT TERM; exec tee "$LOG") 2>&1
 
 stage host-tools host_tools
 stage debootstrap debootstrap_root
