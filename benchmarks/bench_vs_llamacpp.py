@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from smolvlm.checkpoint import load, resolve
+from smolvlm.checkpoint import resolve
 from smolvlm.cli import build_messages
 from smolvlm.generation import SamplingParams, generate
+from smolvlm.model_options import load_for_inference
 from smolvlm.runtime import cpu, kernels
 from smolvlm.runtime.quantize import quantization_summary
 
@@ -51,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = resolve(args.model)
     dtype = cpu.dtype_name(cpu.resolve_dtype(args.dtype))
-    model, processor = load(path, dtype, quantize=None if args.quantize == "none" else args.quantize)
+    model, processor = load_for_inference(str(path), dtype, None if args.quantize == "none" else args.quantize)
     text = processor.apply_chat_template(build_messages("Write a short story about a lighthouse.", 0))
     inputs = processor(text)
     prompt = inputs["input_ids"][0].tolist()

@@ -15,7 +15,8 @@ import json
 import torch
 
 from smolvlm.checkpoint import load, save
-from smolvlm.runtime.quantize import compare_logits, prepare_for_inference, quantization_summary
+from smolvlm.runtime.prepare import prepare
+from smolvlm.runtime.quantize import compare_logits, quantization_summary
 
 # Public-domain prose (Dickens, Austen, Lincoln, Melville, Darwin).
 TEXT = """It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of \
@@ -58,13 +59,14 @@ def main() -> None:
     args = p.parse_args()
 
     ref, processor = load(args.model, "bfloat16")
+    prepare(ref)  # every model compared as generate runs it (this CPU's fast paths)
     ids = torch.tensor([processor.tokenizer.encode(TEXT).ids])
     rows = {}
-    ref32, _ = load(args.model, "float32")
+    ref32 = prepare(load(args.model, "float32")[0])
     rows["bf16 vs float32 (noise floor)"] = compare_logits(ref32, ref, ids)
     for name, mode, group in [("int8", "int8", 32), ("int4 g32 (default)", "int4", 32), ("int4 g64", "int4", 64)]:
         model, _ = load(args.model, "bfloat16")
-        prepare_for_inference(model, mode, group_size=group)
+        prepare(model, mode, group_size=group)
         rows[name] = compare_logits(ref, model, ids)
         summary = quantization_summary(model)  # what each layer really got (int4 falls back to int8 per layer)
         rows[name]["layers"] = {"int4": summary["int4"], "int8": summary["int8"], "fallbacks": summary["fallbacks"]}

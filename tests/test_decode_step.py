@@ -10,7 +10,8 @@ from smolvlm.lora import LoRAConfig, add_lora
 from smolvlm.models.decoder import KVCache, rope_cos_sin
 from smolvlm.models.vlm import VLM, preset
 from smolvlm.runtime import cpu, decode_step, kernels
-from smolvlm.runtime.quantize import prepare_for_inference
+from smolvlm.runtime.prepare import prepare
+from smolvlm.runtime.quantize import quantize_model
 
 
 def at_level(monkeypatch, level: str) -> None:
@@ -22,13 +23,22 @@ def at_level(monkeypatch, level: str) -> None:
     assert ext is not None and ext.level() == level, f"the {level} kernels were not built: {kernels.status()}"
 
 
-def tiny(dtype: torch.dtype, mode: str | None = None) -> VLM:
+def plain_tiny(dtype: torch.dtype, mode: str | None = None, bf16_exact: bool = False) -> VLM:
+    """The plain model of models/ (quantized layers if `mode`): the eager reference."""
     torch.manual_seed(0)
     model = VLM(preset("tiny")).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return prepare_for_inference(model.to(dtype), mode)
+            if bf16_exact:
+                p.copy_(p.to(torch.bfloat16).float())
+    model = model.to(dtype)
+    return quantize_model(model, mode) if mode else model
+
+
+def tiny(dtype: torch.dtype, mode: str | None = None, bf16_exact: bool = False) -> tuple[VLM, VLM]:
+    """(plain, prepared) with the same weights."""
+    return plain_tiny(dtype, mode, bf16_exact), prepare(plain_tiny(dtype, mode, bf16_exact))
 
 
 def batch(seed: int, steps: int = 12):
@@ -78,24 +88,29 @@ def test_this_cpus_level_is_built():
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
 def test_float32_step_matches_eager_tokens_and_logits(monkeypatch, level, mode):
     at_level(monkeypatch, level)
-    model = tiny(torch.float32, mode)
+    plain, model = tiny(torch.float32, mode)
     step = decode_step.for_decoder(model.text_model, model.lm_head)
     assert step is not None
     prompt, mask, follow = batch(1)
-    eager, eager_tokens = decode(model, prompt, mask, follow, greedy=True)
+    eager, eager_tokens = decode(plain, prompt, mask, follow, greedy=True)
     fast, fast_tokens = decode(model, prompt, mask, follow, step, greedy=True)
     assert torch.equal(eager_tokens, fast_tokens)
     assert (eager - fast).abs().max() < 1e-4 * eager.abs().max()  # float32 sums in another order only
+    # and through the prepared model itself (FastDecoder runs the step for one-token calls)
+    through_model, model_tokens = decode(model, prompt, mask, follow, greedy=True)
+    assert torch.equal(eager_tokens, model_tokens)
+    assert (eager - through_model).abs().max() < 1e-4 * eager.abs().max()
 
 
 @pytest.mark.parametrize("level", cpu.LEVELS)
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
 def test_bf16_step_matches_eager_logits(monkeypatch, level, mode):
     at_level(monkeypatch, level)
-    model = tiny(torch.bfloat16, mode)
+    plain, model = tiny(torch.bfloat16, mode)
     step = decode_step.for_decoder(model.text_model, model.lm_head)
+    assert step is not None
     prompt, mask, follow = batch(2)
-    eager, _ = decode(model, prompt, mask, follow)
+    eager, _ = decode(plain, prompt, mask, follow)
     fast, _ = decode(model, prompt, mask, follow, step)
     cos = torch.nn.functional.cosine_similarity(eager, fast, dim=-1)
     assert cos.min() > 0.9995, cos.min()
@@ -105,48 +120,41 @@ def test_bf16_step_matches_eager_logits(monkeypatch, level, mode):
 
 @pytest.mark.parametrize("level", cpu.LEVELS)
 def test_float32_model_with_bf16_decoder_weights(monkeypatch, level):
-    """A float32 model whose decoder projections are stored in bf16 (exactly: they were rounded first) runs the
-    step with float32 activations and the weights converted on the fly: the eager float32 model's tokens."""
+    """A float32 model whose decoder weights are exact in bf16 (a bf16 checkpoint loaded as float32) is prepared
+    with them stored in bf16: the step runs float32 activations on weights converted on the fly, and gives the
+    plain float32 model's tokens."""
     at_level(monkeypatch, level)
-    model = tiny(torch.float32)
-    mixed = tiny(torch.float32)
-    with torch.no_grad():
-        for block in model.text_model.layers:
-            for lin in (*[getattr(block.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
-                        *[getattr(block.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
-                lin.weight.copy_(lin.weight.to(torch.bfloat16).float())
-        for block in mixed.text_model.layers:
-            for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj",
-                                                                                                    "up_proj"))):
-                for n in names:
-                    getattr(parent, n).to(torch.bfloat16)
-                parent.__dict__.pop("_fused")
-            block.self_attn.o_proj.to(torch.bfloat16)
-            block.mlp.down_proj.to(torch.bfloat16)
-    prepare_for_inference(mixed)  # fuse the bf16 projections again
-    step = decode_step.for_decoder(mixed.text_model, mixed.lm_head)
-    assert step is not None and mixed.text_model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    plain, model = tiny(torch.float32, bf16_exact=True)
+    block = model.text_model.layers[0]
+    assert block.mlp.down_proj.weight.dtype == block.self_attn.fused.weight.dtype == torch.bfloat16
+    assert plain.text_model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    step = decode_step.for_decoder(model.text_model, model.lm_head)
+    assert step is not None
     prompt, mask, follow = batch(3)
-    eager, eager_tokens = decode(model, prompt, mask, follow, greedy=True)
+    eager, eager_tokens = decode(plain, prompt, mask, follow, greedy=True)
     fast, fast_tokens = decode(model, prompt, mask, follow, step, greedy=True)
     assert torch.equal(eager_tokens, fast_tokens)
     assert (eager - fast).abs().max() < 1e-4 * eager.abs().max()
+    prefill_plain = plain(prompt, attention_mask=mask).float()  # the prefill converts the stored weights too
+    with torch.inference_mode():
+        prefill_fast = model(prompt, attention_mask=mask).float()
+    assert (prefill_plain - prefill_fast).abs().max() < 1e-4 * prefill_plain.abs().max()
 
 
 def test_the_steps_logits_are_the_lm_heads():
     for dtype, mode in ((torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, None)):
-        model = tiny(dtype, mode)
+        plain, model = tiny(dtype, mode)
         step = decode_step.for_decoder(model.text_model, model.lm_head)
         h = torch.randn(3, 1, model.cfg.text.hidden_size).to(dtype)
         with torch.inference_mode():
-            ref, out = model.lm_head(h).float(), step.logits(h)
+            ref, out = plain.lm_head(h).float(), step.logits(h)
         assert out.dtype == dtype and out.shape == (3, 1, model.cfg.text.vocab_size)
         assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 def test_padding_is_ignored():
     """A padded sequence's logits do not depend on what sits in its padding."""
-    model = tiny(torch.bfloat16)
+    _, model = tiny(torch.bfloat16)
     step = decode_step.for_decoder(model.text_model, model.lm_head)
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, 49000, (2, 20), generator=g)
@@ -160,21 +168,29 @@ def test_padding_is_ignored():
     assert torch.equal(a[:, 1], b[:, 1])
 
 
-def test_built_once_per_weights_and_only_where_it_applies():
-    model = tiny(torch.bfloat16)
-    step = decode_step.for_decoder(model.text_model)
-    assert step is not None and decode_step.for_decoder(model.text_model) is step
-    assert decode_step.for_decoder(tiny(torch.float32).text_model) is not None
-    # float16 activations and unfused projections stay eager
-    assert decode_step.for_decoder(prepare_for_inference(VLM(preset("tiny")).eval().half()).text_model) is None
+def test_built_once_per_weights_and_only_where_it_applies(monkeypatch):
+    _, model = tiny(torch.bfloat16)
+    step = model.text_model.current_step()
+    assert step is not None and model.text_model.current_step() is step  # the same weights: the same step
+    assert decode_step.for_decoder(tiny(torch.float32)[1].text_model) is not None
+    # float16 activations and a plain (unprepared, so unfused) decoder stay eager
+    assert decode_step.for_decoder(prepare(VLM(preset("tiny")).eval().half()).text_model) is None
     assert decode_step.for_decoder(VLM(preset("tiny")).to(torch.bfloat16).text_model) is None
+    monkeypatch.setenv("SMOLVLM_DECODE_STEP", "0")  # the switch to compare against eager
+    assert model.text_model.current_step() is None
+    monkeypatch.delenv("SMOLVLM_DECODE_STEP")
+    with torch.no_grad():  # new weights (an assignment): a new step reading them
+        block = model.text_model.layers[0]
+        block.mlp.down_proj.weight = torch.nn.Parameter(block.mlp.down_proj.weight.clone())
+    rebuilt = model.text_model.current_step()
+    assert rebuilt is not None and rebuilt is not step
     # LoRA wraps the projections: the step's weights are no longer the model's
     add_lora(model, LoRAConfig(rank=2, targets=["q_proj", "v_proj"]))
-    assert decode_step.for_decoder(model.text_model) is None
+    assert model.text_model.current_step() is None
 
 
 def test_the_step_refuses_activations_of_another_dtype():
-    model = tiny(torch.float32)
+    _, model = tiny(torch.float32)
     step = decode_step.for_decoder(model.text_model)
     cfg = model.cfg.text
     cache = KVCache(cfg, 1, 4, torch.float32)

@@ -6,7 +6,9 @@ import torch
 
 from smolvlm.checkpoint import load, save
 from smolvlm.errors import SmolVLMError
-from smolvlm.runtime.quantize import Int4Linear, Int8Linear, compare_logits, prepare_for_inference
+from smolvlm.model_options import load_for_inference
+from smolvlm.runtime.prepare import prepare
+from smolvlm.runtime.quantize import Int4Linear, Int8Linear, compare_logits
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering "
@@ -100,7 +102,7 @@ def smollm2_bf16(gguf_path):
 @pytest.mark.parametrize("mode, min_agree, min_cos", [("int8", 0.93, 0.997), ("int4", 0.93, 0.998)])
 def test_quality_on_real_smollm2(gguf_path, smollm2_bf16, mode, min_agree, min_cos):
     ref, processor = smollm2_bf16
-    model, _ = load(gguf_path, dtype="bfloat16", quantize=mode)
+    model, _ = load_for_inference(str(gguf_path), dtype="bfloat16", quantize=mode)
     ids = torch.tensor([processor.tokenizer.encode(TEXT).ids])
     r = compare_logits(ref, model, ids)
     assert r["top1_agreement"] >= min_agree and r["logit_cosine"] >= min_cos
@@ -109,7 +111,7 @@ def test_quality_on_real_smollm2(gguf_path, smollm2_bf16, mode, min_agree, min_c
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_save_and_load_quantized(tmp_path, gguf_path, mode):
-    model, processor = load(gguf_path, dtype="bfloat16", quantize=mode)
+    model, processor = load_for_inference(str(gguf_path), dtype="bfloat16", quantize=mode)
     save(model, processor, tmp_path / "q")
     again, _ = load(tmp_path / "q", dtype="bfloat16")
     assert again.quantization["mode"] == mode
@@ -119,12 +121,14 @@ def test_save_and_load_quantized(tmp_path, gguf_path, mode):
     size = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
     assert size < (200e6 if mode == "int8" else 170e6)  # bf16: 57 MB embeddings + 270 MB of projections and head
     with pytest.raises(SmolVLMError, match="already quantized"):
-        load(tmp_path / "q", quantize="int4" if mode == "int8" else "int8")
+        load_for_inference(str(tmp_path / "q"), quantize="int4" if mode == "int8" else "int8")
+    same, _ = load_for_inference(str(tmp_path / "q"), dtype="bfloat16", quantize=mode)  # asking again: fine
+    assert same.quantization["mode"] == mode
 
 
 def test_unknown_mode_is_a_clear_error(tiny_hf_checkpoint):
     with pytest.raises(SmolVLMError, match="unknown quantization"):
-        load(tiny_hf_checkpoint[0], quantize="int3")
+        load_for_inference(str(tiny_hf_checkpoint[0]), quantize="int3")
 
 
 def test_quantized_tiny_vlm_generates(tiny_hf_checkpoint):
@@ -134,7 +138,7 @@ def test_quantized_tiny_vlm_generates(tiny_hf_checkpoint):
     folder, _ = tiny_hf_checkpoint
     ref, _ = load(folder, dtype="bfloat16")
     for mode in ("int8", "int4"):
-        model, _ = load(folder, dtype="bfloat16", quantize=mode)
+        model, _ = load_for_inference(str(folder), dtype="bfloat16", quantize=mode)
         ids, pixels = prompt_ids([1]), torch.randn(1, 1, 3, 32, 32)
         steps = list(generate_ids(model, ids, None, SamplingParams(6, ignore_eos=True), set(), pixel_values=pixels))
         assert len(steps) == 6
@@ -143,9 +147,11 @@ def test_quantized_tiny_vlm_generates(tiny_hf_checkpoint):
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
 
 
-def test_prepare_for_inference_is_idempotent(tiny_hf_checkpoint):
+def test_prepare_is_idempotent(tiny_hf_checkpoint):
     model, _ = load(tiny_hf_checkpoint[0])
+    prepare(model)
     attn = model.text_model.layers[0].self_attn
-    fused = attn.__dict__["_fused"]
-    prepare_for_inference(model)
-    assert attn.__dict__["_fused"] is fused
+    fused = attn.fused
+    assert fused.intact(attn)
+    prepare(model)  # again: the projections are fused anew from the same weights, which stay intact
+    assert attn.fused.intact(attn) and torch.equal(attn.fused.weight, fused.weight)

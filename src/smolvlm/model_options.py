@@ -49,5 +49,6 @@ def runtime_facts(model, dtype: str) -> dict:
     from smolvlm.runtime import cpu
     from smolvlm.runtime.quantize import quantization_summary
 
+    summary = quantization_summary(model)
     return {"dtype": cpu.dtype_name(model.dtype), "dtype_requested": str(dtype), "cpu_level": cpu.level(),
-            "quantization": quantization_summary(model)}
+            "quantization": summary if summary["mode"] else None}

@@ -45,12 +45,14 @@ DTYPES = {
 
 @functools.cache
 def features() -> frozenset[str]:
-    """The CPU's feature flags (x86 `flags`, aarch64 `Features` of /proc/cpuinfo), lower case."""
+    """The CPU's feature flags (x86 `flags`, aarch64 `Features` of /proc/cpuinfo), lower case. Only the line of this
+    machine's architecture counts (under qemu-user emulation /proc/cpuinfo is the host's)."""
+    wanted = "flags" if is_x86() else "Features"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
+                if key.strip() == wanted:
                     return frozenset(value.split())
     except OSError:
         pass

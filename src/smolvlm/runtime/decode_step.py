@@ -14,9 +14,9 @@ weights' dtype). Projection kinds, and the weight dtypes each accepts with eithe
              (scale, zero): W = (q - 8) * scale + zero                          (quantize.Int4Linear's sz)
 `ext.project(x, kind, weight, scale, group)` runs one of them by itself (x (B, K) -> (B, N) in x's dtype).
 
-    step = for_decoder(model.text_model, model.lm_head)  # after quantize.prepare_for_inference; None when
-    cache.decode_step = step       # unsupported. Decoder.forward then runs one-token steps through it and
-                                   # VLM.forward the lm_head (generation.generate_ids does both)
+    step = for_decoder(model.text_model, model.lm_head)  # on a model runtime.prepare made fast; None where
+                                                         # it does not apply. runtime.modules.FastDecoder runs
+                                                         # every one-token call of the decoder through it
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _projection(m) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
         if m.kind == "int8":
             return 1, m.weight, m.scale, 0
         return 2, m.weight, m.sz, m.group_size
-    if type(m) is nn.Linear:
+    if isinstance(m, nn.Linear):  # nn.Linear or runtime.modules.FastLinear
         return (0, m.weight, empty, 0) if m.bias is None and m.weight.dtype in ACT_DTYPES else None
     if isinstance(m, Int8Linear):
         return 1, m.weight, m.weight_scale, 0
@@ -52,9 +52,8 @@ def _projection(m) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
 
 
 def _fused(parent: nn.Module):
-    """parent's Fused projections: the `fused` attribute of runtime/modules.py's classes, or what quantize.fuse
-    left in `_fused`."""
-    return getattr(parent, "fused", None) or parent.__dict__.get("_fused")
+    """parent's Fused projections: the `fused` attribute of runtime/modules.py's classes (None on a plain module)."""
+    return getattr(parent, "fused", None)
 
 
 def _collect(decoder) -> tuple[list[list[torch.Tensor]], list[int], int] | None:
@@ -127,23 +126,19 @@ class DecodeStep:
         return self.ext.project(x, kind, weight, scale, group)[:, None]
 
 
-def for_decoder(decoder, lm_head: nn.Module | None = None) -> DecodeStep | None:
-    """The decoder's C++ step (built once per set of weights), or None when it cannot run this decoder or
-    SMOLVLM_DECODE_STEP=0 (to compare against the eager path). With the model's lm_head, `logits` runs it
-    through the step's matmul too (twice ATen's speed at a few rows)."""
+def for_decoder(decoder, lm_head: nn.Module | None = None, current: DecodeStep | None = None) -> DecodeStep | None:
+    """The decoder's C++ step, or None when it cannot run this decoder or SMOLVLM_DECODE_STEP=0 (to compare
+    against the eager path). `current` (a step built before) is returned again while it still reads the decoder's
+    weights with this level's kernels. With the model's lm_head, `logits` runs it through the step's matmul too."""
     if os.environ.get("SMOLVLM_DECODE_STEP", "1") == "0":
         return None
     collected = _collect(decoder)
     if collected is None:
         return None
-    current = decoder.__dict__.get("_decode_step")
-    if current is not None and current.lm_head is lm_head \
-            and current.pointers == _pointers(collected[0]) + _head_pointers(lm_head):
-        return current
     ext = kernels.extension()
     if ext is None:
         return None
-    step = DecodeStep(ext, decoder, *collected, lm_head)
-    decoder.__dict__["_decode_step"] = step  # plain attribute: invisible to state_dict / .to()
-    return step
-
+    if current is not None and current.ext is ext and current.lm_head is lm_head \
+            and current.pointers == _pointers(collected[0]) + _head_pointers(lm_head):
+        return current
+    return DecodeStep(ext, decoder, *collected, lm_head)

@@ -2,8 +2,9 @@
 
     csrc/decode_step.cpp  one decoding step through all decoder layers (decode_step.py uses it); the bindings
     csrc/gemv.cpp         the step's projections: few-row matmuls streaming bf16 / float32 / int8 / int4 weights
-    csrc/softmax.cpp      row softmax in place, bf16 (softmax_ below: attention at inference)
-    csrc/attention.cpp    attention in one pass, bf16 (attention below: the vision tower's, and causal prompts')
+    csrc/softmax.cpp      row softmax in place, bf16 / float32 (runtime/attention.py)
+    csrc/attention.cpp    attention in one pass, bf16 / float32 (runtime/attention.py: the vision tower's and
+                          causal prompts')
 
 Each level of cpu.py (generic, avx2, avx512, avx512_bf16) is its own module, `smolvlm_kernels_<level>`, built
 with only that level's instructions (LEVEL_FLAGS; never -march=native), so the build cache (torch_extensions,
@@ -19,11 +20,10 @@ results within rounding). `python -m smolvlm.runtime.kernels [--level L ...|all]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
 
 from smolvlm.errors import SmolVLMError
 from smolvlm.runtime import cpu
@@ -79,15 +79,38 @@ def extension(level: str | None = None):
         if not any(build_dir(level).glob("*.so")):
             print(f"smolvlm: compiling the C++ kernels for {level} (once, about a minute)...", file=sys.stderr)
         try:
-            _MODULES[level] = cpp_extension.load(name=name, sources=sources(),
-                                                 extra_cflags=COMMON_FLAGS + LEVEL_FLAGS[level],
-                                                 extra_ldflags=["-fopenmp"], verbose=False)
+            with build_lock(level):
+                _MODULES[level] = cpp_extension.load(name=name, sources=sources(),
+                                                     extra_cflags=COMMON_FLAGS + LEVEL_FLAGS[level],
+                                                     extra_ldflags=["-fopenmp"], verbose=False)
         except (OSError, RuntimeError, ImportError, SystemExit) as e:  # no compiler / ninja: stay eager
             _ERRORS[level] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             print(f"smolvlm: the C++ kernels could not be built ({_ERRORS[level]}); "
                   "decoding and the vision tower run on PyTorch alone (slower)", file=sys.stderr)
             _MODULES[level] = False
     return _MODULES[level] or None
+
+
+@contextlib.contextmanager
+def build_lock(level: str):
+    """Hold an flock beside the level's build folder while torch builds or loads it. torch's own lock is a file it
+    deletes when done, so a build that was killed (Ctrl-C during the first compile) leaves it behind and every later
+    load waits on it forever; an flock dies with its process. Holding ours, no other smolvlm process is building
+    this level, so a torch lock file still there is such a leftover and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    folder = build_dir(level)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{module_name(level)}.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def compiler_version() -> str | None:
@@ -120,32 +143,6 @@ def status() -> dict:
         reason = "not built yet: the first use builds it (or python -m smolvlm.runtime.kernels)"
     return {"level": level, "module": module_name(level), "built": built, "loaded": bool(loaded), "reason": reason,
             "compiler": compiler, "build_dir": str(folder)}
-
-
-def softmax_(scores: torch.Tensor) -> torch.Tensor:
-    """torch.softmax(scores, -1) of fresh bf16 scores (-inf where masked), in place by the C++ kernel where it is
-    built (csrc/softmax.cpp: 2x ATen's here). Both accumulate in float32 and round once."""
-    ext = extension()
-    if ext is not None and ext.softmax_supported() and scores.dtype == torch.bfloat16 \
-            and scores.is_contiguous():
-        ext.softmax_bf16_(scores)
-        return scores
-    return torch.softmax(scores, dim=-1)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
-              causal: bool = False) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(D)) v by csrc/attention.cpp: q (B, T, H, D), k and v (B, S, Hkv, D) bf16 with the last
-    dimension contiguous (views of a fused qkv or of the KV cache are fine; query head h reads kv head
-    h // (H / Hkv)); key_mask (B, S) bool (True = may be attended) or None; causal: query i sits at position
-    S - T + i. Returns (B, T, H, D), or None where that kernel does not apply (not built, no AVX-512 BF16,
-    D != 64, not bf16): the caller's PyTorch path then runs."""
-    ext = extension()
-    if ext is None or not (q.dtype == k.dtype == v.dtype == torch.bfloat16) \
-            or not ext.attention_supported(q.shape[-1]) \
-            or max(q.stride(-1), k.stride(-1), v.stride(-1)) != 1:
-        return None
-    return ext.attention_bf16(q, k, v, key_mask, causal, q.shape[-1] ** -0.5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,8 @@ from torch import nn
 
 from smolvlm.models.decoder import MLP, Attention, Decoder, KVCache, RMSNorm, apply_rope, rope_cos_sin
 from smolvlm.models.vision import VisionAttention, VisionMLP
-from smolvlm.runtime import attention, cpu, decode_step, kernels
-from smolvlm.runtime.quantize import Fused
+from smolvlm.runtime import attention, cpu, decode_step
+from smolvlm.runtime.quantize import Fused, dense_linear
 
 # oneDNN's fused linear with a weight packed once into its blocked layout; its bf16 packing raises on CPUs without
 # AVX-512 (BW/VL/DQ) and is emulated (slow) without native bf16, so it is used only where bf16 is native
@@ -177,16 +177,28 @@ class FastDecoder(Decoder):
     applies (runtime/decode_step.py: fused bf16 / float32 / int8 / int4 projections, no LoRA, no shared or
     cross-attention layers); everything else runs the plain loop over the Fast* layers."""
 
+    decode_step: decode_step.DecodeStep | None  # the step last built (for_decoder keeps it while it applies)
+    step_cache: KVCache | None  # the KV cache the step was last checked for: weights are checked once per cache
+
     @classmethod
     def adopt(cls, m: Decoder) -> FastDecoder:
         m.__class__ = cls
+        m.decode_step, m.step_cache = None, None
         return m
+
+    def current_step(self, cache: KVCache | None = None) -> decode_step.DecodeStep | None:
+        """The C++ step for the decoder's weights as they are (None where it does not apply); checked again for
+        each new KV cache (a generation), not at every token."""
+        if cache is None or cache is not self.step_cache:
+            self.decode_step = decode_step.for_decoder(self, current=self.decode_step)
+            self.step_cache = cache
+        return self.decode_step
 
     def forward(self, inputs_embeds, position_ids, key_mask=None, cache: KVCache | None = None, memory=None,
                 memory_mask=None, attn_mask=None) -> torch.Tensor:
         if cache is not None and inputs_embeds.shape[1] == 1 and attn_mask is None and memory is None \
                 and cache.cross is None and not torch.is_grad_enabled():
-            step = decode_step.for_decoder(self)  # None where it does not apply
+            step = self.current_step(cache)
             if step is not None:
                 return self.step(step, inputs_embeds, position_ids, key_mask, cache)
         return super().forward(inputs_embeds, position_ids, key_mask, cache, memory, memory_mask, attn_mask)
@@ -203,10 +215,6 @@ class FastDecoder(Decoder):
         return self.norm(x[:, None])
 
 
-# rows up to which a matmul is a weight-streaming matrix-vector product (the C++ kernel's batch limit)
-GEMV_ROWS = 16
-
-
 class FastLinear(nn.Linear):
     """A decoder projection or the output head. Its weight may be bf16 under float32 activations (prepare.store_bf16:
     converted on the fly, float32 math), and a decoding step's few rows go through the C++ weight-streaming matmul
@@ -218,14 +226,4 @@ class FastLinear(nn.Linear):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        w = self.weight
-        if rows <= GEMV_ROWS and self.bias is None and not torch.is_grad_enabled() \
-                and x.dtype in decode_step.ACT_DTYPES and w.dtype in decode_step.ACT_DTYPES:
-            ext = kernels.extension()
-            if ext is not None:
-                y = ext.project(x.reshape(rows, x.shape[-1]), 0, w, torch.empty(0), 0)
-                return y.view(*x.shape[:-1], self.out_features)
-        if w.dtype != x.dtype:
-            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return super().forward(x)
+        return dense_linear(x, self.weight, self.bias)

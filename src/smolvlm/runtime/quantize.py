@@ -35,6 +35,7 @@ QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP_SIZE = 32
 # up to this many rows a quantized layer runs the C++ streaming kernel (csrc/gemv.cpp's kMaxB)
 GEMV_ROWS = 16
+ACT_DTYPES = (torch.bfloat16, torch.float32)  # the kernels' activation dtypes (and a dense weight's)
 DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -53,6 +54,20 @@ def check_mode(mode: str | None) -> str | None:
 def _kernel(rows: int):
     """The C++ kernels when a matmul of `rows` rows should use their streaming GEMV, else None."""
     return kernels.extension() if rows <= GEMV_ROWS else None
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight^T (+ bias), the weight in x's dtype or in bf16 under float32 x (prepare.store_bf16:
+    converted on the fly, float32 math). A decoding step's few rows go through the C++ streaming kernel."""
+    rows = x.numel() // x.shape[-1]
+    if bias is None and not torch.is_grad_enabled() and x.dtype in ACT_DTYPES and weight.dtype in ACT_DTYPES:
+        ext = _kernel(rows)
+        if ext is not None:
+            y = ext.project(x.reshape(rows, x.shape[-1]), 0, weight, torch.empty(0), 0)
+            return y.view(*x.shape[:-1], weight.shape[0])
+    if weight.dtype != x.dtype:
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 class Int8Linear(nn.Module):
@@ -263,7 +278,7 @@ def quantize_model(model, mode: str, group_size: int = INT4_GROUP_SIZE, lm_head:
 
 def _primary(m) -> torch.Tensor | None:
     """The tensor whose storage identifies a fusable layer, or None for anything else (e.g. LoRA)."""
-    if type(m) is nn.Linear:
+    if isinstance(m, nn.Linear):  # nn.Linear or runtime.modules.FastLinear (a LoRA wrapper is neither)
         return m.weight
     if isinstance(m, Int8Linear):
         return m.weight
@@ -284,7 +299,7 @@ class Fused:
         self.names = names
         self.sizes = [m.out_features for m in mods]
         m0 = mods[0]
-        if type(m0) is nn.Linear:
+        if isinstance(m0, nn.Linear):
             self.weight = torch.cat([m.weight.detach() for m in mods])  # (sum N, K)
             has_bias = m0.bias is not None
             self.bias = torch.cat([m.bias.detach() for m in mods]) if has_bias else None
@@ -332,37 +347,10 @@ class Fused:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "float":
-            return F.linear(x, self.weight, self.bias)
+            return dense_linear(x, self.weight, self.bias)
         if self.kind == "int8":
             return int8_linear(x, self.weight, self.scale)
         return int4_linear(x, self.weight, self.sz, self.group_size, self.dtype, self.derived)
-
-
-def fuse(parent: nn.Module, names: tuple[str, ...]) -> Fused | None:
-    """Fuse parent's `names` projections (idempotent); None when they cannot be fused."""
-    current = parent.__dict__.get("_fused")
-    if current is not None and current.names == names and current.intact(parent):
-        return current
-    try:
-        fused = Fused(parent, names)
-    except ValueError:
-        return None
-    parent.__dict__["_fused"] = fused  # plain attribute: invisible to state_dict / named_modules / .to()
-    return fused
-
-
-def prepare_for_inference(model, quantize: str | None = None, group_size: int = INT4_GROUP_SIZE):
-    """Quantize (optional) then fuse q/k/v and gate/up in the decoder and q/k/v in the vision tower.
-    In place; the state dict keeps its keys (quantized layers store their quantized tensors)."""
-    if check_mode(quantize) is not None:
-        quantize_model(model, quantize, group_size)
-    for block in model.text_model.layers:
-        fuse(block.self_attn, ("q_proj", "k_proj", "v_proj"))
-        fuse(block.mlp, ("gate_proj", "up_proj"))
-    if model.has_vision and hasattr(model.vision_model, "encoder"):  # a ViT (the CNN has no attention)
-        for block in model.vision_model.encoder["layers"]:
-            fuse(block.self_attn, ("q_proj", "k_proj", "v_proj"))
-    return model
 
 
 def adopt_quantized(model, state: dict[str, torch.Tensor], quantization: dict, source: str) -> set[str]:

@@ -1,0 +1,25 @@
+"""Building and loading the C++ kernels: one module per ISA level, and a killed build never blocks later runs."""
+
+import subprocess
+import sys
+
+from smolvlm.runtime import cpu, kernels
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_run():
+    level = cpu.level()
+    kernels.extension(level)  # built (or found built) first, so the subprocess below only loads
+    folder = kernels.build_dir(level)
+    (folder / "lock").touch()  # what torch leaves behind when its build is killed mid-way
+    code = f"from smolvlm.runtime import kernels; assert kernels.extension({level!r}) is not None"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not (folder / "lock").exists()
+
+
+def test_each_level_is_its_own_module_built_without_march_native():
+    for level in cpu.LEVELS:
+        assert kernels.module_name(level).endswith(level)
+        assert "-march=native" not in kernels.COMMON_FLAGS + kernels.LEVEL_FLAGS[level]
+    assert kernels.LEVEL_FLAGS["generic"] == []
+    assert "-mavx512bf16" in kernels.LEVEL_FLAGS["avx512_bf16"] and "-mavx512f" not in kernels.LEVEL_FLAGS["avx2"]
