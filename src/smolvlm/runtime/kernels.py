@@ -83,7 +83,7 @@ def extension(level: str | None = None):
                 _MODULES[level] = cpp_extension.load(name=name, sources=sources(),
                                                      extra_cflags=COMMON_FLAGS + LEVEL_FLAGS[level],
                                                      extra_ldflags=["-fopenmp"], verbose=False)
-        except (OSError, RuntimeError, ImportError, SystemExit) as e:  # no compiler / ninja: stay eager
+        except (OSError, RuntimeError, ImportError, SystemExit, subprocess.SubprocessError) as e:  # no compiler
             _ERRORS[level] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             print(f"smolvlm: the C++ kernels could not be built ({_ERRORS[level]}); "
                   "decoding and the vision tower run on PyTorch alone (slower)", file=sys.stderr)
