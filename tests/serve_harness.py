@@ -20,15 +20,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *extra: str, log: Path):
+    def __init__(self, model: Path, *extra: str, log: Path, dtype: str | None = "float32", env: dict | None = None):
+        """dtype None: the server's default (--dtype auto); env: extra environment variables (e.g. SMOLVLM_CPU)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "smolvlm.cli", "serve", "--model", str(model), "--port", str(self.port),
-               "--dtype", "float32", "--log-level", "warning",
+               *(["--dtype", dtype] if dtype else []), "--log-level", "warning",
                # one thread: the tiny model gains nothing from more, and other processes share the cores
                "--threads", "1", *extra]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self._log_file = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 90

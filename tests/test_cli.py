@@ -31,7 +31,9 @@ def test_generate_json_with_images(capsys, tiny_hf_checkpoint, image_file):
                          "--ignore-eos", "--dtype", "float32", "--json")
     assert code == 0, err
     r = json.loads(out)
-    assert set(r) == {"text", "token_ids", "logprobs", "prompt_tokens", "completion_tokens", "finish_reason"}
+    assert set(r) == {"text", "token_ids", "logprobs", "prompt_tokens", "completion_tokens", "finish_reason",
+                      "dtype", "dtype_requested", "cpu_level", "quantization"}
+    assert r["dtype"] == "float32" and r["dtype_requested"] == "float32" and r["quantization"] is None
     assert r["completion_tokens"] == len(r["token_ids"]) == len(r["logprobs"]) == 5
     assert r["finish_reason"] == "length"
     # two images of 80x50 at 32 px tiles: each 3x2 tiles + global, 4 tokens each
