@@ -306,6 +306,9 @@ RULES: list[Rule] = [
     Rule(r"\.venv/bin/python benchmarks/cpu_limits\.py\b", "one iteration", append="--iters 1 --json",
          check=json_out),
     Rule(r"\.venv/bin/python -m smolvlm\.runtime\.kernels$", "builds (or finds) the C++ kernels"),
+    # ---- your CPU
+    Rule(r"(SMOLVLM_CPU=avx2 )?smolvlm doctor$", "the CPU report", check=stdout_has("level:")),
+    Rule(r"smolvlm doctor --json$", "the CPU report as JSON", check=json_has("level", "dtype_auto", "kernels")),
     Rule(r"\.venv/bin/python benchmarks/quant_quality\.py$", "the real SmolLM2-135M", needs=SMOLLM2,
          append="--json", check=json_out, timeout=400),
     Rule(r"\.venv/bin/python benchmarks/load_serve\.py\b", "2 clients x 1 request, 1 round",
