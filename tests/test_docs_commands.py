@@ -134,7 +134,17 @@ def workdir_for(assets: Path, tmp_path: Path, texts: list[str]) -> Path:
     cwd.mkdir(parents=True)
     link(REPO / "benchmarks", cwd / "benchmarks")
     link(REPO / "scripts", cwd / "scripts")
-    link(VENV_BIN.parent, cwd / ".venv")
+    # .venv/bin runs the venv's programs by their real paths (python through a wrapper, not a link to the venv):
+    # torch, and so the C++ kernels' build commands, then see this checkout's paths and reuse its build instead of
+    # rebuilding the kernels for a second set of include paths
+    for program in VENV_BIN.iterdir():
+        path = cwd / ".venv" / "bin" / program.name
+        if program.name.startswith("python"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f'#!/bin/sh\nexec "{program}" "$@"\n')
+            path.chmod(0o755)
+        else:
+            link(program, path)
     text = "\n".join(texts)
     # the assets are the files and links; real folders only hold them (`runs/a` holds the link `runs/a/model`)
     for path in assets.rglob("*"):
