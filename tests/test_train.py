@@ -22,8 +22,10 @@ from smolvlm.train import (
     build_data,
     checkpoint_paths,
     from_dict,
+    prepare_run_dir,
     read_metrics,
     resolve_config,
+    resume_config,
     token_losses,
     train,
 )
@@ -168,14 +170,30 @@ def test_kill_and_resume_continue_the_same_loss_curve(tmp_path):
     assert done and max(done) < 10, "the run should have been killed mid-way"
     for _, path in checkpoint_paths(killed):  # whatever survived the kill is whole
         torch.load(path, weights_only=False)
-    run_cli("train", "--preset", "test-tiny", "--out", str(killed), "--resume", "--no-progress",
-            "checkpoint_every=3", *over[:2], "threads=1")
+    # no preset, no overrides: the run continues with the config it recorded
+    run_cli("train", "--out", str(killed), "--resume", "--no-progress")
     assert losses(killed) == losses(straight)
     assert [r["step"] for r in read_metrics(killed)] == list(range(1, 11))
     a, _ = load(straight / "model")
     b, _ = load(killed / "model")
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), k
+
+
+def test_resume_starts_from_the_recorded_config(tmp_path):
+    cfg = resolve_config("test-tiny", None, ["optim.lr_decoder=3e-3", "stages.0.steps=7"])
+    prepare_run_dir(tmp_path, cfg, resume=False, preset="test-tiny")
+    assert resume_config(tmp_path / "none", "test-tiny", None, []) is None
+    back = resume_config(tmp_path, "test-tiny", None, ["threads=1", "checkpoint_every=2"])
+    assert back.optim.lr_decoder == 3e-3 and back.stages[0].steps == 7 and back.threads == 1
+    prepare_run_dir(tmp_path, back, resume=True)  # how it runs may change
+    with pytest.raises(SmolVLMError, match="started from preset 'test-tiny', not from 'shapes-tiny'"):
+        resume_config(tmp_path, "shapes-tiny", None, [])
+    with pytest.raises(SmolVLMError, match=r"holds a different run \(optim.lr_decoder: 0.003 there, 0.001 now\)"):
+        prepare_run_dir(tmp_path, resume_config(tmp_path, None, None, ["optim.lr_decoder=1e-3"]), resume=True)
+    (tmp_path / "run.json").write_text("{")
+    with pytest.raises(SmolVLMError, match="unreadable run.json"):
+        resume_config(tmp_path, None, None, [])
 
 
 def test_torchrun_two_processes_match_one(tmp_path):

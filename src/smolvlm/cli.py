@@ -87,11 +87,15 @@ def cmd_assemble(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from smolvlm.train import config_to_dict, resolve_config, train
+    from smolvlm.train import config_to_dict, resolve_config, resume_config, train
 
     shorthands = [f"{key}={getattr(args, name)}" for name, key in TRAIN_OPTION_KEYS.items()
                   if getattr(args, name) is not None]
-    cfg = resolve_config(args.preset, args.config, shorthands + args.overrides)
+    cfg = None
+    if args.resume and args.out:  # a resumed run starts from its own recorded config
+        cfg = resume_config(args.out, args.preset, args.config, shorthands + args.overrides)
+    if cfg is None:
+        cfg = resolve_config(args.preset, args.config, shorthands + args.overrides)
     if args.print_config:
         import yaml
 
@@ -101,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SmolVLMError("--out is required (the run folder); e.g. --out runs/a")
     if args.max_steps is not None and args.max_steps < 1:
         raise SmolVLMError("--max-steps must be >= 1")
-    result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
+    result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress,
+                   preset=args.preset)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     summary = {"out": str(result.out), "steps": result.steps, "final_loss": result.final_loss,
@@ -186,7 +191,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "max_minutes")
     t.add_argument("--out", metavar="DIR", help="run folder (new, or the run to --resume); required but with "
                    "--print-config")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                   "with the config it recorded (KEY=VALUE may change only threads, workers, checkpointing)")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after global step N (resume later)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -472,6 +472,32 @@ def resolve_config(preset: str | None, config_file: str | None, overrides: list[
     return cfg
 
 
+def resume_config(out: str | Path, preset: str | None, config_file: str | None,
+                  overrides: list[str]) -> TrainConfig | None:
+    """The config of the run in `out`, for --resume: what run.json recorded, with the YAML file's keys and the
+    overrides applied on top (None when `out` holds no run yet). A different --preset than the run's is refused;
+    what the overrides may change without being refused later is how the run executes (threads, workers,
+    checkpointing), never what it computes."""
+    run_file = Path(out) / "run.json"
+    if not run_file.exists():
+        return None
+    try:
+        record = json.loads(run_file.read_text())
+        d = record["config"]
+    except (OSError, ValueError, KeyError):
+        raise SmolVLMError(f"{out} holds an unreadable run.json; pick another --out") from None
+    started = record.get("preset")
+    if preset is not None and "preset" in record and preset != started:
+        was = f"from preset {started!r}" if started else "without a preset"
+        raise SmolVLMError(f"{out} was started {was}, not from {preset!r}; resume without --preset "
+                           "(the run's own config is used) or choose another --out")
+    if config_file:
+        d = merge_dicts(d, load_yaml(config_file))
+    cfg = from_dict(TrainConfig, apply_overrides(d, overrides))
+    cfg.check()
+    return cfg
+
+
 def adapt_preset(cfg: TrainConfig, asked: set[str]) -> None:
     """A preset's choice that an option the user asked for rules out gives way, with a one-line notice: the
     image-position table sits on the pixel-shuffle grid, so another connector (or a blind model) drops it. What the
@@ -953,7 +979,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 EXECUTION_KEYS = ("threads", "workers", "checkpoint_every", "keep_checkpoints")
 
 
-def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
+def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, preset: str | None = None) -> None:
     """OUT/run.json records the config; a folder holding a different run is never mixed into."""
     run_file = out / "run.json"
     want = config_to_dict(cfg)
@@ -975,7 +1001,7 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
     if out.exists() and any(out.iterdir()):
         raise SmolVLMError(f"{out} is not empty and holds no smolvlm run; choose an empty or new --out")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_file, json.dumps({"config": want}, indent=2))
+    _atomic_write_text(run_file, json.dumps({"config": want, "preset": preset}, indent=2))
 
 
 def _first_difference(a, b, path: str = "") -> str:
@@ -1101,15 +1127,16 @@ def budget_plan(stages: list[Stage], steps_done: int, seconds_per_step: float, s
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: int | None = None,
-          progress: bool = True) -> TrainResult:
-    """Run (or continue) the training described by cfg in the folder out."""
+          progress: bool = True, preset: str | None = None) -> TrainResult:
+    """Run (or continue) the training described by cfg in the folder out (`preset`: the name recorded in
+    run.json, so a resume can tell a different preset from the run's own)."""
     cfg.check()
     out = Path(out)
     dist = init_distributed()
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // dist.world)
     torch.set_num_threads(threads)
     if dist.main:
-        prepare_run_dir(out, cfg, resume)
+        prepare_run_dir(out, cfg, resume, preset)
     dist.barrier()
 
     model, processor = build_model(cfg.model, cfg.seed, cfg.contrastive)
