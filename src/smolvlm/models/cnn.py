@@ -88,7 +88,9 @@ class CNNEncoder(nn.Module):
         ps = self.cfg.patch_size
         if h % ps or w % ps:
             raise ValueError(f"the CNN encoder needs image sides divisible by {ps}, got {h}x{w}")
-        x = self.proj(self.blocks(self.stem(pixel_values)))  # (N, D, H/ps, W/ps)
+        # channels_last: oneDNN's CPU convolutions (forward and backward) run NHWC natively; NCHW costs reorders
+        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        x = self.proj(self.blocks(self.stem(x)))  # (N, D, H/ps, W/ps)
         x = x.flatten(2).transpose(1, 2)  # (N, P, D)
         if patch_mask is None:
             patch_mask = torch.ones(n, h // ps, w // ps, dtype=torch.bool, device=pixel_values.device)
