@@ -73,9 +73,10 @@ def batch_loss(model: VLM, batch: dict, teacher: VLM | None, cfg: TrainConfig, o
     """(what backward() takes, summed cross-entropy, contrastive loss) of one micro-batch. The token loss is
     divided by the global batch's label tokens, the contrastive loss (a mean over the micro-batch) by the
     global number of micro-batches, so the step's gradient is the same however the batch is split."""
-    # SDPA's math backend beats its flash kernel on CPU for short sequences, backward included (measured:
-    # 40 vs 62 ms per layer for 16 x 181 tokens); the flash kernel's memory saving matters only for long ones
-    backend = SDPBackend.MATH if batch["input_ids"].shape[1] <= 512 else SDPBackend.FLASH_ATTENTION
+    # under bf16 autocast SDPA's math backend beats its flash kernel on CPU for short sequences, backward included;
+    # in float32 the flash kernel is the faster one at every length (benchmarks/train_attention.py measures both)
+    short = batch["input_ids"].shape[1] <= 512
+    backend = SDPBackend.MATH if cfg.use_bf16 and short else SDPBackend.FLASH_ATTENTION
     with sdpa_kernel(backend):
         return _batch_loss(model, batch, teacher, cfg, objective, n_tokens, n_batches)
 
