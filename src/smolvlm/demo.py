@@ -1,11 +1,13 @@
 """`smolvlm demo`: the whole pipeline on a laptop CPU, offline, in minutes.
 
     shapes world -> DIR/data/{test,compositional}/ (images + questions.jsonl + captions.jsonl)
-    time budget (--minutes, default 10): a few probe steps time this CPU; the model's steps are the preset's,
-        or fewer when the whole demo would not fit the budget at that speed (plan_steps)
-    train the demo model from scratch (DIR/runs/main) -> DIR/model (a SmolVLM checkpoint)
-    train a text-only ("blind") baseline on the same questions (DIR/runs/blind)
-    evaluate both on held-out questions (smolvlm eval's shapes tasks) -> DIR/metrics.json, DIR/*.png,
+    time budget (--minutes, default 10): a few probe steps time this CPU and refuse a budget too small
+        (plan_steps); the baseline's steps follow from the plan
+    train a text-only ("blind") baseline on the same questions (DIR/runs/blind) and evaluate it, which times
+        this CPU's evaluation
+    train the demo model from scratch (DIR/runs/main) -> DIR/model (a SmolVLM checkpoint): the preset's steps,
+        or as many as the budget has left after the model's own evaluation buys, the schedule rescaled
+    evaluate it on the same held-out questions (smolvlm eval's shapes tasks) -> DIR/metrics.json, DIR/*.png,
         DIR/report.md, a table
 
 Answers are generated greedily by the saved checkpoints loaded as `smolvlm generate` loads them
@@ -181,6 +183,9 @@ DEMO_MINUTES = 10.0  # the whole demo's wall-clock budget by default (`make demo
 BLIND_STEP_COST = 0.8
 RESERVE_STEPS = 160
 PROBE_STEPS = 10  # timed steps, after one untimed (it pays one-off costs)
+TRAIN_MARGIN = 1.06  # a run's wall time per step against the probe's: start-up, checkpoints, the final save
+EVAL_MARGIN = 1.15  # the model's evaluation against the blind one's: the same questions, answers of similar length
+FINISH_SECONDS = 10.0  # sample answers, plots, report
 MIN_STEP_SHARE = 0.25  # a budget that buys fewer of the preset's steps than this is refused, not run
 
 
@@ -269,23 +274,19 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     # a CPU too slow for the preset's steps within the budget (e.g. float32 where bf16 is not native) trains
     # fewer; a fast one trains exactly the preset's, so its figures repeat from run to run. A config with its
     # own max_minutes budgets itself.
+    budgeted = minutes > 0 and cfg.max_minutes == 0
     plan = StepPlan(cfg.total_steps, blind_steps if blind_steps is not None else
                     default_blind_steps(cfg.total_steps), cfg.total_steps, 0.0)
-    if minutes > 0 and cfg.max_minutes == 0:
+    if budgeted:
         speed = probe_seconds_per_step(cfg, out / "runs" / "probe")
         plan = plan_steps(cfg.total_steps, speed, minutes * 60 - (time.time() - t_start), blind_steps)
-        print(f"this CPU: {speed:.3f} s/step; {plan.steps} of the preset's {plan.configured} steps fit the "
+        print(f"this CPU: {speed:.3f} s/step; about {plan.steps} of the preset's {plan.configured} steps fit the "
               f"{minutes:g}-minute budget", file=sys.stderr)
-        if plan.steps < plan.configured:
-            cfg = dataclasses.replace(cfg, stages=scale_stages(cfg.stages, plan.steps))
 
-    print(f"training {preset} ({cfg.total_steps} steps)", file=sys.stderr)
-    main = train(cfg, out / "runs" / "main", progress=progress)
-    os.replace(main.model_dir, out / "model")
-
-    # the blind baseline: same recipe and data, no images; it learns the answer priors quickly (its loss is
+    # the blind baseline first: same recipe and data, no images; it learns the answer priors quickly (its loss is
     # flat from ~400 steps: 0.415 over steps 400-499 and 500-599 of a 600-step run), so it stops at 400. No
-    # curriculum: that only teaches looking, and a blind model must see the test-time question mix
+    # curriculum: that only teaches looking, and a blind model must see the test-time question mix. Its
+    # evaluation also times this CPU's evaluation, which the model's budget then leaves room for.
     n_blind = plan.blind_steps
     blind_cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, blind=True, image_positions=False),
@@ -295,13 +296,26 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     )
     print(f"training the blind baseline ({n_blind} steps)", file=sys.stderr)
     blind = train(blind_cfg, out / "runs" / "blind", progress=progress)
+    # loaded from disk as `smolvlm generate` loads them (--dtype auto, this CPU's fast paths), so the answers
+    # are the ones reported
+    blind_eval = evaluate_model(*load_for_inference(str(blind.model_dir)), "blind", data_dir, progress=progress)
 
-    # loaded from disk as `smolvlm generate` loads them (--dtype auto, this CPU's fast paths), so its answers are
-    # the ones reported
+    if budgeted:
+        # what is left, less the model's evaluation (timed on the blind one's) and the report, buys the model's
+        # steps at the probed speed: the preset's, or fewer with the schedule rescaled
+        left = minutes * 60 - (time.time() - t_start) - EVAL_MARGIN * blind_eval["eval_s"] - FINISH_SECONDS
+        steps = min(cfg.total_steps, int(left / (TRAIN_MARGIN * plan.seconds_per_step)))
+        if steps < MIN_STEP_SHARE * cfg.total_steps:
+            raise SmolVLMError(f"the baseline and its evaluation left {max(0.0, left) / 60:.1f} min for the model: "
+                               "too little for a demo worth reading; raise --minutes or pass --minutes 0")
+        if steps < cfg.total_steps:
+            cfg = dataclasses.replace(cfg, stages=scale_stages(cfg.stages, steps))
+    print(f"training {preset} ({cfg.total_steps} steps)", file=sys.stderr)
+    main = train(cfg, out / "runs" / "main", progress=progress)
+    os.replace(main.model_dir, out / "model")
     model, processor = load_for_inference(str(out / "model"))
     seeing = evaluate_model(model, processor, "main", data_dir, progress=progress)
     samples = sample_answers(model, processor, data_dir, 6)
-    blind_eval = evaluate_model(*load_for_inference(str(blind.model_dir)), "blind", data_dir, progress=progress)
 
     from smolvlm.train import read_metrics
 
