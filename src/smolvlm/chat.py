@@ -17,7 +17,11 @@ class Chat:
     """The conversation: messages in the processor's format, and its images in prompt order."""
 
     def __init__(self, model, processor, params, system: str | None = None):
+        from smolvlm.generation import ImageEmbeddingCache
+
         self.model, self.processor, self.params, self.system = model, processor, params, system
+        # every turn re-sends the conversation's images: their embeddings are computed once per session
+        self.image_cache = ImageEmbeddingCache()
         self.reset()
 
     def reset(self) -> None:
@@ -44,7 +48,7 @@ class Chat:
         images = self.images + self.pending
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = self.processor(text, images=[images] if images else None)
-        stream = TextStream(self.model, self.processor, inputs, self.params)
+        stream = TextStream(self.model, self.processor, inputs, self.params, self.image_cache)
         answer = ""
         try:
             for piece in stream:

@@ -70,7 +70,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, rng: torch.Generat
 class ImageEmbeddingCache:
     """The vision tower's output for recently seen tiles, keyed by a hash of their pixels: a chat turn
     re-sends the conversation's earlier images, which then cost a hash instead of a pass through the
-    vision tower. Kept per model and invalidated when its vision or connector weights change."""
+    vision tower. Owned by whoever holds a conversation (a chat session, the server's engine) and passed to
+    generate; invalidated when the model's vision or connector weights change."""
 
     def __init__(self, max_tiles: int = 128):
         self.max_tiles = max_tiles
@@ -117,13 +118,6 @@ class ImageEmbeddingCache:
         return torch.stack(out)
 
 
-def encode_images_cached(model: VLM, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None):
-    cache = model.__dict__.get("_image_embedding_cache")
-    if cache is None:
-        cache = model.__dict__["_image_embedding_cache"] = ImageEmbeddingCache()
-    return cache.encode(model, pixel_values, pixel_attention_mask)
-
-
 @torch.inference_mode()
 def generate_ids(
     model: VLM,
@@ -134,9 +128,11 @@ def generate_ids(
     pixel_values: torch.Tensor | None = None,
     pixel_attention_mask: torch.Tensor | None = None,
     image_embeds: torch.Tensor | None = None,
+    image_cache: ImageEmbeddingCache | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yields (token ids (B,), logprobs (B,), done (B,) bool) once per step. A sequence that is done
-    keeps being fed its last token (its outputs are ignored) until every sequence is done."""
+    keeps being fed its last token (its outputs are ignored) until every sequence is done. The KV cache is
+    this call's own; image_cache (optional) is the caller's, shared across the calls of a conversation."""
     params.check()
     b, t = input_ids.shape
     if attention_mask is None:
@@ -150,7 +146,10 @@ def generate_ids(
     if pixel_values is not None:
         if not model.has_vision:
             raise SmolVLMError("this model has no vision encoder (a text-only checkpoint); drop the images")
-        image_embeds = encode_images_cached(model, pixel_values, pixel_attention_mask)
+        if image_cache is not None:
+            image_embeds = image_cache.encode(model, pixel_values, pixel_attention_mask)
+        else:
+            image_embeds = model.encode_images(pixel_values, pixel_attention_mask)
 
     cache = KVCache(model.cfg.text, b, t + max_new, model.dtype) if params.use_cache else None
     ids, mask = input_ids, attention_mask
@@ -224,12 +223,13 @@ def stop_token_ids(processor) -> set[int]:
 class TextStream:
     """Iterate for the text pieces of one answer as they are generated; `result` once it is done."""
 
-    def __init__(self, model: VLM, processor, inputs: dict, params: SamplingParams):
+    def __init__(self, model: VLM, processor, inputs: dict, params: SamplingParams,
+                 image_cache: ImageEmbeddingCache | None = None):
         if inputs["input_ids"].shape[0] != 1:
             raise ValueError("TextStream takes one prompt; use generate_batch for several")
         self._steps = generate_ids(
             model, inputs["input_ids"], inputs.get("attention_mask"), params, stop_token_ids(processor),
-            inputs.get("pixel_values"), inputs.get("pixel_attention_mask"), inputs.get("image_embeds"),
+            inputs.get("pixel_values"), inputs.get("pixel_attention_mask"), inputs.get("image_embeds"), image_cache,
         )
         self._stop_ids = stop_token_ids(processor)
         self._text = TextAssembler(lambda ids: processor.decode(ids, skip_special_tokens=True), params.stop)
@@ -256,8 +256,9 @@ class TextStream:
         )
 
 
-def generate(model: VLM, processor, inputs: dict, params: SamplingParams) -> GenerationResult:
-    stream = TextStream(model, processor, inputs, params)
+def generate(model: VLM, processor, inputs: dict, params: SamplingParams,
+             image_cache: ImageEmbeddingCache | None = None) -> GenerationResult:
+    stream = TextStream(model, processor, inputs, params, image_cache)
     for _ in stream:
         pass
     return stream.result

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from smolvlm.generation import SamplingParams, TextAssembler, generate_ids, stop_token_ids
+from smolvlm.generation import ImageEmbeddingCache, SamplingParams, TextAssembler, generate_ids, stop_token_ids
 from smolvlm.serve.protocol import APIError
 
 log = logging.getLogger("smolvlm.serve")
@@ -109,6 +109,9 @@ class Engine:
         self.stop_ids = stop_token_ids(processor)
         self.pad_id = processor.pad_token_id if processor.pad_token_id is not None else 0
         self.stats = Stats()
+        # chat clients re-send a conversation's images with every turn: their tiles are encoded once
+        self.image_cache = ImageEmbeddingCache()
+        self._image_lock = threading.Lock()
         self._pending: deque[Job] = deque()
         self._running = 0
         self._preparing = 0  # admitted requests not yet queued (decoding images, encoding the prompt)
@@ -170,7 +173,8 @@ class Engine:
                            code="context_length_exceeded")
         embeds = None
         if images:
-            embeds = self.model.encode_images(inputs["pixel_values"], inputs.get("pixel_attention_mask"))
+            with self._image_lock:  # several requests may be prepared at once; the cache is one dict
+                embeds = self.image_cache.encode(self.model, inputs["pixel_values"], inputs.get("pixel_attention_mask"))
         return ids, embeds
 
     # -- the worker -------------------------------------------------------------------------------
