@@ -27,7 +27,7 @@ class Conversation:
     messages: list[dict]
     images: list[Any] = field(default_factory=list)  # PIL images or paths, in order of the image parts
     task: str = "default"  # for multi-task mixing
-    caption: str = ""  # a description of the (first) image, for the contrastive loss (train.py)
+    caption: str = ""  # a description of the (first) image, for the contrastive loss (train/losses.py)
     # Each user/assistant exchange is its own question about the images (e.g. the shapes world's VQA
     # turns): trained as that many single-turn conversations packed into one sequence behind one shared
     # image prefix, no turn seeing another (see tokenize_conversation). Turns of one chat would leak
@@ -182,7 +182,7 @@ def pack_turns(messages: list[dict], processor: Processor, rows: list, cols: lis
         position_ids 0..P-1  P..P+n1-1    P..P+n2-1       every turn at the positions it has alone
         branch_ids   0 ... 0  1 ... 1      2 ... 2         a token sees the prefix and its own turn only
 
-    so each turn's tokens get exactly the hidden states they get alone (train.branch_attention_mask)."""
+    so each turn's tokens get exactly the hidden states they get alone (train/losses.py: branch_attention_mask)."""
     system = [m for m in messages if m["role"] == "system"]
     msgs = [m for m in messages if m["role"] != "system"]
     if not msgs or [m["role"] for m in msgs] != ["user", "assistant"] * (len(msgs) // 2):

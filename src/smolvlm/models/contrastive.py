@@ -5,7 +5,7 @@
     logits[i, j] = exp(t') * <img_i, txt_j> + b;  loss = -sum_ij log sigmoid(z_ij * logits[i, j]) / B
     with z_ij = 1 on matching pairs and -1 elsewhere; t' = log 10 and b = -10 at init, as in SigLIP.
 
-Used as an auxiliary or alignment-stage loss (train.py) and for retrieval (eval/runner.py).
+Used as an auxiliary or alignment-stage loss (train/losses.py) and for retrieval (eval/predict.py).
 """
 
 import math
