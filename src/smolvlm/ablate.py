@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from smolvlm.cli.options import DTYPE_HELP
 from smolvlm.errors import SmolVLMError
-from smolvlm.model_options import DTYPE_HELP
 
 # variant -> config overrides on the preset. The baseline is SmolVLM's layout (ViT + pixel shuffle); every other
 # variant changes one thing from it, so each names the vision encoder too (shapes-tiny itself uses the CNN).
@@ -84,10 +84,10 @@ def eval_args(args, out: Path, world: dict) -> argparse.Namespace:
 def decode_tokens_per_s(model, processor) -> float:
     """Batch-1 greedy decoding speed after an image prompt, as `smolvlm bench` measures it: LONG and SHORT
     tokens timed, so the prefill cancels out."""
-    from smolvlm.bench import LONG, SHORT, best_time
-    from smolvlm.cli import build_messages
+    from smolvlm.cli.bench import LONG, SHORT, best_time
     from smolvlm.data.shapes import ShapesWorld
     from smolvlm.generation import SamplingParams, generate
+    from smolvlm.processing import build_messages
 
     image = next(iter(ShapesWorld(seed=0).captioning("test", 1))).image
     text = processor.apply_chat_template(build_messages("Describe this image.", 1), add_generation_prompt=True)
@@ -101,8 +101,8 @@ def decode_tokens_per_s(model, processor) -> float:
 
 
 def evaluate_variant(folder: Path, world: dict, args) -> dict:
+    from smolvlm.cli.options import load_for_inference
     from smolvlm.eval.runner import PeakMemory, run_task
-    from smolvlm.model_options import load_for_inference
 
     model_dir = folder / "train" / "model"
     gc.collect()

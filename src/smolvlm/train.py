@@ -533,8 +533,8 @@ def init_vision(vision: nn.Module) -> None:
 
 def text_processor_for(source: str):
     """The tokenizer (and its special tokens) of a GGUF file, packaged model or checkpoint folder."""
-    from smolvlm.checkpoint import gguf_text_processor, resolve
-    from smolvlm.gguf_reader import read_gguf_tokenizer
+    from smolvlm.io import resolve
+    from smolvlm.io.gguf import gguf_text_processor, read_gguf_tokenizer
     from smolvlm.processing import Processor
 
     if source == "shapes":
@@ -550,7 +550,8 @@ def text_processor_for(source: str):
 
 def build_model(spec: ModelSpec, seed: int, contrastive: bool = False):
     """(model in float32, processor) for a model spec; contrastive: give it a contrastive head."""
-    from smolvlm.checkpoint import add_image_tokens, assemble, load, vision_processor
+    from smolvlm.io import assemble, load
+    from smolvlm.io.assemble import add_image_tokens, vision_processor
     from smolvlm.processing import ImageProcessingConfig
     from smolvlm.special_tokens import IMAGE
 
@@ -1307,7 +1308,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
 
 def save_final(model: VLM, processor, out: Path) -> Path:
     """OUT/model: a SmolVLM checkpoint (adapters merged); OUT/adapters: the LoRA adapters alone."""
-    from smolvlm.checkpoint import save
+    from smolvlm.io import save
 
     model = model.eval()
     if lora_modules(model):
@@ -1318,7 +1319,7 @@ def save_final(model: VLM, processor, out: Path) -> Path:
 
 
 def load_teacher(distill: DistillConfig, student: VLM, processor) -> VLM:
-    from smolvlm.checkpoint import load
+    from smolvlm.io import load
 
     teacher, teacher_processor = load(distill.teacher, "float32")
     if teacher.cfg.text.vocab_size != student.cfg.text.vocab_size:

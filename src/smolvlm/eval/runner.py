@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smolvlm.cli.options import DTYPE_HELP
 from smolvlm.errors import SmolVLMError
-from smolvlm.model_options import DTYPE_HELP
 
 __all__ = ["TASKS", "add_parser", "run_task", "run_suite"]
 
@@ -612,8 +612,8 @@ def _slug(text: str) -> str:
 
 def run_task(task: str, model_arg: str, args, out: Path, loaded=None) -> dict:
     """Run and score one task for one model; returns the metrics (also written to out/metrics.json)."""
-    from smolvlm.checkpoint import parse_dtype
-    from smolvlm.model_options import load_for_inference
+    from smolvlm.cli.options import load_for_inference
+    from smolvlm.io.checkpoint import parse_dtype
     from smolvlm.runtime.cpu import dtype_name
 
     data = load_task_data(task, args)
@@ -660,7 +660,7 @@ def run_task(task: str, model_arg: str, args, out: Path, loaded=None) -> dict:
 
 def run_suite(args) -> dict:
     """Every shapes task for every --model: {"models": [{name, params, task results...}]}."""
-    from smolvlm.model_options import load_for_inference
+    from smolvlm.cli.options import load_for_inference
 
     rows = []
     for model_arg in args.model:
