@@ -1,6 +1,5 @@
 """The time-budgeted trainer and `smolvlm ablate` end to end on a tiny budget (seconds)."""
 
-import argparse
 import json
 import subprocess
 import sys
@@ -73,12 +72,12 @@ def test_ablate_option_errors(tmp_path, capsys):
 
 
 def test_contrastive_retrieval_needs_the_head(tmp_path):
-    from smolvlm.eval.runner import retrieval_scoring
-    from smolvlm.train import build_model
+    from smolvlm.eval.predict import retrieval_scoring
+    from smolvlm.train import build_train_model
 
-    model, _ = build_model(resolve_config("test-tiny", None, []).model, 0)
+    model, _ = build_train_model(resolve_config("test-tiny", None, []).model, 0)
     with pytest.raises(SmolVLMError, match="needs a model with a contrastive head"):
-        retrieval_scoring(model, argparse.Namespace(retrieval_scoring="contrastive"))
+        retrieval_scoring(model, "contrastive")
 
 
 def children_of(pid: int) -> list[int]:

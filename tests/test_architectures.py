@@ -19,7 +19,7 @@ from smolvlm.models.contrastive import ContrastiveHead, sigmoid_loss
 from smolvlm.models.cross_attention import CrossAttention
 from smolvlm.models.decoder import KVCache
 from smolvlm.models.vlm import VLM, VLMConfig, preset
-from smolvlm.train import build_model, init_weights, resolve_config
+from smolvlm.train import build_train_model, init_weights, resolve_config
 
 
 def tiny(**options) -> VLMConfig:
@@ -46,7 +46,7 @@ def test_ldp_halves_each_side_of_non_square_grids(h, w):
 @pytest.mark.parametrize("vision_type", ["vit", "cnn"])
 def test_ldp_model_encodes_non_square_images(vision_type):
     overrides = ["model.connector=ldp", f"model.vision_type={vision_type}", "model.cnn.image_size=32"]
-    model, _ = build_model(resolve_config("test-tiny", None, overrides).model, 0)
+    model, _ = build_train_model(resolve_config("test-tiny", None, overrides).model, 0)
     with torch.no_grad():
         out = model.encode_images(torch.rand(1, 1, 3, 32, 48))  # 4x6 patches -> 2x3 tokens
     assert out.shape == (1, 6, model.cfg.text.hidden_size)
@@ -124,7 +124,7 @@ def test_cross_attention_image_count_mismatch_is_clear():
 @pytest.fixture(scope="module")
 def xattn_model():
     cfg = resolve_config("test-tiny", None, ["model.connector=cross-attention", "model.cross_attention_every=1"])
-    model, processor = build_model(cfg.model, 0)
+    model, processor = build_train_model(cfg.model, 0)
     return opened(model.eval()), processor
 
 

@@ -7,7 +7,7 @@ import torch
 
 from smolvlm.io import load, save
 from smolvlm.models.cnn import CNNConfig, CNNEncoder, init_cnn
-from smolvlm.train import build_model, resolve_config
+from smolvlm.train import build_train_model, resolve_config
 
 
 @pytest.mark.parametrize("h,w", [(64, 64), (32, 96), (96, 40)])
@@ -53,7 +53,7 @@ def test_initial_positions_are_as_loud_as_features_and_order_columns():
 def test_cnn_model_saves_reloads_and_says_what_it_is(tmp_path):
     cfg = resolve_config("test-tiny", None, ["model.vision_type=cnn", "model.cnn.image_size=32",
                                              "model.cnn.widths=[16,24]", "model.cnn.hidden_size=32"])
-    model, processor = build_model(cfg.model, 0)
+    model, processor = build_train_model(cfg.model, 0)
     model.eval()
     save(model, processor, tmp_path / "m")
     hf = json.loads((tmp_path / "m" / "config.json").read_text())

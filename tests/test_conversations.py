@@ -15,12 +15,12 @@ from smolvlm.data.conversations import (
     tokenize_conversation,
 )
 from smolvlm.errors import SmolVLMError
-from smolvlm.train import PRESETS, build_model
+from smolvlm.train import PRESETS, build_train_model
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return build_model(PRESETS["test-tiny"]().model, 0)[1]
+    return build_train_model(PRESETS["test-tiny"]().model, 0)[1]
 
 
 def spans(ids: list[int], labels: list[int]) -> list[list[int]]:
@@ -100,7 +100,7 @@ def test_packed_independent_turns_give_each_turn_exactly_its_single_turn_logits(
     it gets when its question is asked alone (the evaluation's single-turn prompt)."""
     from smolvlm.train import branch_attention_mask
 
-    model, processor = build_model(PRESETS["test-tiny"]().model, 0)
+    model, processor = build_train_model(PRESETS["test-tiny"]().model, 0)
     model.eval()
     image = Image.effect_noise((32, 32), 60).convert("RGB")
     pairs = [("What color is the circle?", "red"), ("How many objects are there?", "3"), ("Is it big?", "no")]

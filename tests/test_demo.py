@@ -13,7 +13,6 @@ from smolvlm.demo import (
     normalize_answer,
     plan_steps,
     scale_stages,
-    vqa_scores,
 )
 from smolvlm.errors import SmolVLMError
 
@@ -23,13 +22,6 @@ def test_normalize_answer():
     assert normalize_answer("Red") == "red"
     assert normalize_answer("3 .") == "3"
     assert normalize_answer("a.b") == "a.b"
-
-
-def test_vqa_scores_per_type():
-    rows = [{"answer": "red", "type": "color"}, {"answer": "2", "type": "count"}, {"answer": "yes", "type": "count"}]
-    s = vqa_scores(rows, ["Red.", "3", "yes"])
-    assert s["accuracy"] == pytest.approx(2 / 3)
-    assert s["per_type"] == {"color": 1.0, "count": 0.5}
 
 
 def _plan_seconds(plan, seconds_per_step):

@@ -4,7 +4,7 @@ import random
 
 from smolvlm.data.shapes import ShapesWorld, captions
 from smolvlm.data.shapes_tokenizer import SPECIAL_TOKENS, shapes_tokenizer
-from smolvlm.train import build_model, resolve_config
+from smolvlm.train import build_train_model, resolve_config
 
 
 def test_it_is_small_deterministic_and_words_are_single_tokens():
@@ -32,7 +32,7 @@ def test_any_text_still_encodes_byte_level():
 
 def test_a_scratch_model_on_it_has_a_small_vocabulary():
     cfg = resolve_config("test-tiny", None, ["model.decoder=shapes"])
-    model, processor = build_model(cfg.model, 0)
+    model, processor = build_train_model(cfg.model, 0)
     assert model.cfg.text.vocab_size == processor.tokenizer.get_vocab_size() < 1200
     for t in ("<end_of_utterance>", "<image>", "<fake_token_around_image>", "<|im_end|>"):
         assert len(processor.tokenizer.encode(t).ids) == 1, t

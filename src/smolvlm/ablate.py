@@ -29,6 +29,7 @@ from pathlib import Path
 
 from smolvlm.cli.options import DTYPE_HELP
 from smolvlm.errors import SmolVLMError
+from smolvlm.eval.options import EvalOptions
 
 # variant -> config overrides on the preset. The baseline is SmolVLM's layout (ViT + pixel shuffle); every other
 # variant changes one thing from it, so each names the vision encoder too (shapes-tiny itself uses the CNN).
@@ -51,7 +52,7 @@ def log(message: str) -> None:
 
 def train_variant(cfg, folder: Path, args) -> dict:
     """Train one variant under the budget (or finish its interrupted run); returns its training figures."""
-    from smolvlm.eval.runner import PeakMemory, atomic_write_text
+    from smolvlm.eval.run_folder import PeakMemory, atomic_write_text
     from smolvlm.train import read_metrics, train
 
     run = folder / "train"
@@ -73,12 +74,10 @@ def train_variant(cfg, folder: Path, args) -> dict:
             "final_loss": rows[-1]["loss"] if rows else None, "train_peak_rss_mb": peak}
 
 
-def eval_args(args, out: Path, world: dict) -> argparse.Namespace:
+def eval_options(args, world: dict) -> EvalOptions:
     """The options `smolvlm eval` would have for the shapes tasks, on the shapes world the variant trained on."""
-    return argparse.Namespace(limit=args.eval_limit, data=None, images=None, split=None, max_new_tokens=None,
-                              dtype=args.dtype, fresh=False, seed=args.seed, batch_size=args.batch_size,
-                              progress=args.progress, meteor=False, retrieval_scoring="auto", out=str(out),
-                              world=world)
+    return EvalOptions(limit=args.eval_limit, seed=args.seed, world=world, dtype=args.dtype,
+                       batch_size=args.batch_size, progress=args.progress)
 
 
 def decode_tokens_per_s(model, processor) -> float:
@@ -102,17 +101,17 @@ def decode_tokens_per_s(model, processor) -> float:
 
 def evaluate_variant(folder: Path, world: dict, args) -> dict:
     from smolvlm.cli.options import load_for_inference
-    from smolvlm.eval.runner import PeakMemory, run_task
+    from smolvlm.eval.run_folder import PeakMemory
+    from smolvlm.eval.runner import run_task
 
     model_dir = folder / "train" / "model"
     gc.collect()
     with PeakMemory() as mem:
         model, processor = load_for_inference(str(model_dir), args.dtype)
-        tasks = {}
+        opts, tasks = eval_options(args, world), {}
         for task in EVAL_TASKS:
             log(f"  {task}")
-            out = folder / "eval" / task
-            tasks[task] = run_task(task, str(model_dir), eval_args(args, out, world), out, (model, processor))
+            tasks[task] = run_task(task, str(model_dir), opts, folder / "eval" / task, (model, processor))
         log("  decode speed")
         tok_s = decode_tokens_per_s(model, processor)
     vqa, retrieval = tasks["shapes-vqa"], tasks["shapes-retrieval"]
@@ -132,7 +131,7 @@ def run_variant(name: str, args) -> int:
     """Train and evaluate one variant (in a process of its own); writes DIR/<name>/result.json."""
     import torch
 
-    from smolvlm.eval.runner import atomic_write_text
+    from smolvlm.eval.run_folder import atomic_write_text
     from smolvlm.train import resolve_config
 
     if args.threads:
@@ -162,7 +161,7 @@ def ablation_settings(args) -> dict:
 def run_ablation(args) -> dict:
     import multiprocessing
 
-    from smolvlm.eval.runner import atomic_write_text
+    from smolvlm.eval.run_folder import atomic_write_text
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@
         or fewer when the whole demo would not fit the budget at that speed (plan_steps)
     train the demo model from scratch (DIR/runs/main) -> DIR/model (a SmolVLM checkpoint)
     train a text-only ("blind") baseline on the same questions (DIR/runs/blind)
-    evaluate both on held-out questions -> DIR/metrics.json, DIR/*.png, DIR/report.md, a table
+    evaluate both on held-out questions (smolvlm eval's shapes tasks) -> DIR/metrics.json, DIR/*.png,
+        DIR/report.md, a table
 
 Answers are generated greedily by the saved checkpoints loaded as `smolvlm generate` loads them
 (`--dtype auto`, this CPU's fast paths), so `smolvlm generate --model DIR/model --image ... --prompt ...` gives the
@@ -20,19 +21,14 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.eval.accuracy import normalize_short_answer as normalize_answer  # a sample answer's right/wrong rule
 
 MARKER = "demo.json"  # marks a folder as a demo's, so --force never deletes anything else
-
-
-def normalize_answer(text: str) -> str:
-    """The demo's exact-match rule: lowercase, trim spaces and one final period."""
-    text = text.strip().lower()
-    return text[:-1].strip() if text.endswith(".") else text
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -40,62 +36,37 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def ask_batch(model, processor, images, prompts: list[str], max_new_tokens: int, batch_size: int,
-              desc: str, progress: bool) -> list[str]:
-    """Greedy answers to one question each (an image per question, or none for a text-only model), in
-    left-padded batches of batch_size."""
-    from smolvlm.eval.runner import generate_answers
+def eval_task(model, processor, name: str, task: str, folder: Path, run_dir: Path, max_new_tokens: int | None,
+              batch_size: int, progress: bool) -> tuple[dict, list[str]]:
+    """`smolvlm eval --task TASK --data FOLDER` on every example of an exported split (the shapes tasks' own
+    default is a sample of it): (its metrics, its predictions in the split's order)."""
+    from smolvlm.eval.options import EvalOptions
+    from smolvlm.eval.runner import run_task, task_predictions
 
-    answers: list[str] = []
-    steps = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-    for start in steps:
-        chunk = prompts[start:start + batch_size]
-        chunk_images = [[im] for im in images[start:start + batch_size]] if images else [[]] * len(chunk)
-        answers += generate_answers(model, processor, chunk, chunk_images, max_new_tokens)
-    return answers
-
-
-def vqa_scores(rows: list[dict], answers: list[str]) -> dict:
-    per_type: dict[str, list[int]] = defaultdict(list)
-    for row, a in zip(rows, answers, strict=True):
-        per_type[row.get("type", "all")].append(int(normalize_answer(a) == normalize_answer(row["answer"])))
-    hits = [h for v in per_type.values() for h in v]
-    return {"accuracy": sum(hits) / max(1, len(hits)), "n": len(hits),
-            "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())}}
+    rows = read_jsonl(folder / ("captions.jsonl" if task == "shapes-captions" else "questions.jsonl"))
+    opts = EvalOptions(data=str(folder), limit=len(rows), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       progress=progress)
+    scores = run_task(task, name, opts, run_dir, (model, processor))
+    return scores, [row["prediction"] for row in task_predictions(task, opts, run_dir)]
 
 
 def evaluate_model(model, processor, name: str, data_dir: Path, batch_size: int = 64, progress: bool = True) -> dict:
-    """VQA accuracy (overall, per type) on test and compositional questions; caption CIDEr-D on test."""
-    import torch
-
-    from smolvlm.data.shapes import CAPTION_PROMPT
-    from smolvlm.eval.caption_metrics import score_captions
-    from smolvlm.processing import open_image
-
+    """VQA accuracy (overall, per type) on the test and the compositional questions, caption CIDEr-D on the test
+    images: smolvlm eval's shapes-vqa and shapes-captions on the exported data, in scratch run folders."""
     result: dict = {}
     t0 = time.time()
-    with torch.inference_mode():
+    with tempfile.TemporaryDirectory(prefix=f".eval-{name}-", dir=data_dir.parent) as scratch:
         for split in ("test", "compositional"):
-            rows = read_jsonl(data_dir / split / "questions.jsonl")
-            images = [open_image(data_dir / split / r["image"]) for r in rows] if model.has_vision \
-                else None
-            answers = ask_batch(model, processor, images, [r["question"] for r in rows], 6, batch_size,
-                                f"{name} {split} vqa", progress)
-            result[split] = vqa_scores(rows, answers)
-            result[split]["answers"] = answers
+            # 6 new tokens hold every shapes answer
+            scores, answers = eval_task(model, processor, name, "shapes-vqa", data_dir / split,
+                                        Path(scratch) / f"{split}-vqa", 6, batch_size, progress)
+            result[split] = {"accuracy": scores["accuracy"], "n": scores["examples"],
+                             "per_type": dict(sorted(scores["per_answer_type"].items())), "answers": answers}
         if model.has_vision:
-            caps = read_jsonl(data_dir / "test" / "captions.jsonl")
-            images = [open_image(data_dir / "test" / c["image"]) for c in caps]
-            preds = ask_batch(model, processor, images, [CAPTION_PROMPT] * len(caps), 48, batch_size,
-                              f"{name} captions", progress)
-            refs = {c["image"]: c["captions"] for c in caps}
-            cands = {c["image"]: p for c, p in zip(caps, preds, strict=True)}
-            result["caption_cider"] = score_captions(refs, cands, with_meteor=False).scores["CIDEr"]
-            result["captions"] = preds
+            scores, captions = eval_task(model, processor, name, "shapes-captions", data_dir / "test",
+                                         Path(scratch) / "test-captions", None, batch_size, progress)
+            result["caption_cider"] = scores["CIDEr"]
+            result["captions"] = captions
     result["eval_s"] = time.time() - t0
     result["params"] = sum(p.numel() for p in model.parameters())
     return result

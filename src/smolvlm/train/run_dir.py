@@ -1,0 +1,174 @@
+"""The run folder OUT and what the trainer writes there:
+
+    OUT/run.json                  the config (and preset) the run was started with
+    OUT/checkpoints/step-N.pt     model, optimizer, RNG states (written atomically; the last few kept)
+    OUT/metrics.jsonl             one JSON row per optimizer step
+    OUT/loss.png                  the loss curve (with matplotlib)
+    OUT/budget.json               a max_minutes run: how it ended
+    OUT/model, OUT/adapters       the finished model (a SmolVLM folder) and its LoRA adapters alone
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from smolvlm.errors import SmolVLMError
+from smolvlm.lora import lora_modules, merge_lora, save_adapters
+from smolvlm.models.vlm import VLM
+from smolvlm.train.config import Stage, TrainConfig, config_to_dict
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+EXECUTION_KEYS = ("threads", "workers", "checkpoint_every", "keep_checkpoints")
+
+
+def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, preset: str | None = None) -> None:
+    """OUT/run.json records the config; a folder holding a different run is never mixed into."""
+    run_file = out / "run.json"
+    want = config_to_dict(cfg)
+    if run_file.exists():
+        try:
+            have = json.loads(run_file.read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            raise SmolVLMError(f"{out} holds an unreadable run.json; pick another --out") from None
+        if not resume:
+            raise SmolVLMError(f"{out} already holds a training run; pass --resume to continue it or choose "
+                               "another --out")
+        # how the run is executed may change between sessions (e.g. more cores); what it computes may not
+        have = {k: v for k, v in have.items() if k not in EXECUTION_KEYS}
+        if have != {k: v for k, v in want.items() if k not in EXECUTION_KEYS}:
+            diff = _first_difference(have, {k: v for k, v in want.items() if k not in EXECUTION_KEYS})
+            raise SmolVLMError(f"{out} holds a different run ({diff}); resume with the same config or choose "
+                               "another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SmolVLMError(f"{out} is not empty and holds no smolvlm run; choose an empty or new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_file, json.dumps({"config": want, "preset": preset}, indent=2))
+
+
+def _first_difference(a, b, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+    return f"{path}: {a!r} there, {b!r} now"
+
+
+def checkpoint_paths(out: Path) -> list[tuple[int, Path]]:
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.glob("step-*.pt"):
+        try:
+            found.append((int(p.stem.split("-")[1]), p))
+        except (IndexError, ValueError):
+            continue
+    return sorted(found)
+
+
+def save_checkpoint(out: Path, step: int, model: VLM, optimizer, keep: int, extra: dict | None = None) -> None:
+    """extra: more entries of the state (a budgeted run's time so far and planned stage lengths)."""
+    folder = out / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), **(extra or {})}
+    final = folder / f"step-{step:07d}.pt"
+    tmp = folder / f".{final.name}.tmp"
+    torch.save(state, tmp)  # a kill here leaves only a .tmp file, which resume ignores
+    os.replace(tmp, final)
+    for _, old in checkpoint_paths(out)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+
+
+def load_latest_checkpoint(out: Path) -> tuple[int, dict | None]:
+    """(step, state) of the newest checkpoint in OUT, or (0, None) when there is none."""
+    ckpts = checkpoint_paths(out)
+    if not ckpts:
+        return 0, None
+    step, path = ckpts[-1]
+    return step, torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a line cut by a kill
+    return rows
+
+
+def open_metrics(out: Path, start: int):
+    """OUT/metrics.jsonl cut back to exactly the steps up to `start` (a killed run may have logged more), opened
+    for appending this session's rows."""
+    rows = [r for r in read_metrics(out) if r.get("step", 0) <= start]
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return open(out / "metrics.jsonl", "a", encoding="utf-8")
+
+
+def plot_losses(out: Path, rows: list[dict], stages: list[Stage]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no matplotlib: loss plot skipped; pip install 'smolvlm[train]')", file=sys.stderr)
+        return None
+    steps = [r["step"] for r in rows if "loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss per step")
+    w = max(1, len(losses) // 50)
+    if w > 1:
+        smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of {w}")
+    boundary = 0
+    for s in stages[:-1]:
+        boundary += s.steps
+        ax.axvline(boundary, color="gray", ls="--", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per answer token)")
+    ax.set_title(f"training loss: {out.name}")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "loss.png"
+    tmp = out / ".loss.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def save_final(model: VLM, processor, out: Path) -> Path:
+    """OUT/model: a SmolVLM checkpoint (adapters merged); OUT/adapters: the LoRA adapters alone."""
+    from smolvlm.io import save
+
+    model = model.eval()
+    if lora_modules(model):
+        save_adapters(model, out / "adapters")
+        model = merge_lora(copy.deepcopy(model))
+    save(model, processor, out / "model")
+    return out / "model"
