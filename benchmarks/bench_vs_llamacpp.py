@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from smolvlm.checkpoint import resolve
-from smolvlm.cli import build_messages
+from smolvlm.cli.options import load_for_inference
 from smolvlm.generation import SamplingParams, generate
-from smolvlm.model_options import load_for_inference
+from smolvlm.io import resolve
+from smolvlm.processing import build_messages
 from smolvlm.runtime import cpu, kernels
 from smolvlm.runtime.quantize import quantization_summary
 

@@ -13,7 +13,8 @@ import argparse
 
 import torch
 
-from smolvlm.checkpoint import add_image_tokens, load, save, vision_processor
+from smolvlm.io import load, save
+from smolvlm.io.assemble import add_image_tokens, vision_processor
 from smolvlm.models.vlm import VLM, preset
 from smolvlm.processing import ImageProcessingConfig
 

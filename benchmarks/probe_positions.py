@@ -17,10 +17,10 @@ import random
 
 import torch
 
-from smolvlm.checkpoint import load
 from smolvlm.data.shapes import Scene, SceneObject, WorldConfig, render
 from smolvlm.errors import SmolVLMError
 from smolvlm.generation import SamplingParams, generate
+from smolvlm.io import load
 
 
 def one_object(cfg: WorldConfig, color: str, x: int, y: int, half: float = 9.0) -> Scene:

@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from smolvlm.checkpoint import load, save
+from smolvlm.io import load, save
 from smolvlm.runtime.prepare import prepare
 from smolvlm.runtime.quantize import compare_logits, quantization_summary
 

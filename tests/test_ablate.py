@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from smolvlm import cli
-from smolvlm.checkpoint import load
+from smolvlm.cli.main import main
 from smolvlm.errors import SmolVLMError
+from smolvlm.io import load
 from smolvlm.train import checkpoint_paths, read_metrics, resolve_config, train
 
 
@@ -35,7 +35,7 @@ def test_ablate_end_to_end_and_resumable(tmp_path, capsys):
     out = tmp_path / "ablation"
     argv = ["ablate", "--out", str(out), "--budget-minutes", "0.03", "--variants", "baseline,contrastive",
             "--preset", "test-tiny", "--eval-limit", "2", "--threads", "1", "--no-progress", "--json"]
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert list(summary["variants"]) == ["baseline", "contrastive"]
     for name, r in summary["variants"].items():
@@ -50,24 +50,24 @@ def test_ablate_end_to_end_and_resumable(tmp_path, capsys):
     assert (out / "ablations.png").stat().st_size > 5000
     assert json.loads((out / "ablations.json").read_text()) == summary
     # a second run skips what is done
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     captured = capsys.readouterr()
     assert captured.err.count("done earlier, skipped") == 2 and json.loads(captured.out) == summary
     # a variant interrupted after its training is evaluated again and still reports its training's peak RSS
     (out / "baseline" / "result.json").unlink()
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)["variants"]["baseline"]
     assert again["train_peak_rss_mb"] == summary["variants"]["baseline"]["train_peak_rss_mb"] > 0
     # results made under another budget are not mixed into this one's table
     other = [a if a != "0.03" else "0.05" for a in argv]
-    assert cli.main(other) == 2
+    assert main(other) == 2
     assert "was made with budget_minutes=0.03, this run has 0.05" in capsys.readouterr().err
 
 
 def test_ablate_option_errors(tmp_path, capsys):
-    assert cli.main(["ablate", "--out", str(tmp_path), "--variants", "baseline,resnet"]) == 2
+    assert main(["ablate", "--out", str(tmp_path), "--variants", "baseline,resnet"]) == 2
     assert "unknown variant 'resnet' in --variants; choose from baseline, cnn" in capsys.readouterr().err
-    assert cli.main(["ablate", "--out", str(tmp_path), "--budget-minutes", "0"]) == 2
+    assert main(["ablate", "--out", str(tmp_path), "--budget-minutes", "0"]) == 2
     assert "--budget-minutes must be > 0" in capsys.readouterr().err
 
 

@@ -9,10 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from smolvlm import cli
-from smolvlm.checkpoint import load
+from smolvlm.cli.main import main
+from smolvlm.cli.train import CONNECTORS as CLI_CONNECTORS
 from smolvlm.errors import SmolVLMError
 from smolvlm.generation import SamplingParams, generate, generate_batch
+from smolvlm.io import load
 from smolvlm.models.connector import CONNECTORS, LDPConnector, MLPConnector, pixel_shuffle
 from smolvlm.models.contrastive import ContrastiveHead, sigmoid_loss
 from smolvlm.models.cross_attention import CrossAttention
@@ -233,7 +234,7 @@ def test_each_variant_trains_saves_reloads_and_answers_from_the_cli(variant, tmp
     from smolvlm.data.shapes import ShapesWorld
 
     out = tmp_path / "run"
-    assert cli.main(["train", "--preset", "test-tiny", "--out", str(out), "--max-steps", "2", "--no-progress",
+    assert main(["train", "--preset", "test-tiny", "--out", str(out), "--max-steps", "2", "--no-progress",
                      "--json", *VARIANT_FLAGS[variant], "stages.0.steps=2", "threads=1"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["model"] == str(out / "model")
@@ -251,7 +252,7 @@ def test_each_variant_trains_saves_reloads_and_answers_from_the_cli(variant, tmp
     assert processor.image_seq_len == model.cfg.image_seq_len
     image = tmp_path / "scene.png"
     next(iter(ShapesWorld(seed=0).captioning("test", 1))).image.save(image)
-    assert cli.main(["generate", "--model", str(out / "model"), "--image", str(image), "--prompt", "What is it?",
+    assert main(["generate", "--model", str(out / "model"), "--image", str(image), "--prompt", "What is it?",
                      "--max-new-tokens", "3", "--ignore-eos", "--json", "--threads", "1"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["completion_tokens"] == 3
@@ -259,7 +260,7 @@ def test_each_variant_trains_saves_reloads_and_answers_from_the_cli(variant, tmp
 
 def test_option_errors_are_one_clear_line(tmp_path, capsys):
     def error(*argv) -> str:
-        assert cli.main(["train", "--preset", "test-tiny", "--out", str(tmp_path / "x"), *argv]) == 2
+        assert main(["train", "--preset", "test-tiny", "--out", str(tmp_path / "x"), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err
         return err
@@ -278,7 +279,7 @@ def test_option_errors_are_one_clear_line(tmp_path, capsys):
 
 
 def test_cli_knows_the_connectors_without_importing_torch():
-    assert cli.CONNECTORS == CONNECTORS
+    assert CLI_CONNECTORS == CONNECTORS
 
 
 @pytest.mark.usefixtures("restore_torch_threads")

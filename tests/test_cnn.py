@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from smolvlm.checkpoint import load, save
+from smolvlm.io import load, save
 from smolvlm.models.cnn import CNNConfig, CNNEncoder, init_cnn
 from smolvlm.train import build_train_model, resolve_config
 

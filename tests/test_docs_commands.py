@@ -31,7 +31,8 @@ def make_tiny_checkpoint(out: Path) -> None:
     as benchmarks/make_random_smolvlm.py builds it: 6.4M parameters, 32-px tiles."""
     import torch
 
-    from smolvlm.checkpoint import add_image_tokens, load, save, vision_processor
+    from smolvlm.io import load, save
+    from smolvlm.io.assemble import add_image_tokens, vision_processor
     from smolvlm.models.vlm import VLM, preset
     from smolvlm.processing import ImageProcessingConfig
 

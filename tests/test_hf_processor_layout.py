@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from reference import TINY_IMAGE, hf_auto_processor, make_hf_smolvlm
-from smolvlm.checkpoint import load, save
 from smolvlm.errors import SmolVLMError
 from smolvlm.generation import SamplingParams, generate
+from smolvlm.io import load, save
 from smolvlm.processing import Processor, open_image
 from test_processing import PHOTO_JPEG, PHOTO_TALL, assert_same_call
 

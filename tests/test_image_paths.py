@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from smolvlm.checkpoint import load
-from smolvlm.cli import main
+from smolvlm.cli.main import main
+from smolvlm.io import load
 from smolvlm.models.vlm import VLM
 from smolvlm.processing import open_image
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from reference import prompt_ids
-from smolvlm.checkpoint import build_model, config_from_hf, hf_key_to_ours
 from smolvlm.generation import SamplingParams, generate_ids
+from smolvlm.io.checkpoint import model_from_state
+from smolvlm.io.hf_config import config_from_hf, hf_key_to_ours
 from smolvlm.models.connector import pixel_shuffle
 from smolvlm.models.vlm import VLM, preset
 
@@ -15,7 +16,7 @@ def ours_from_hf(hf_model) -> VLM:
     cfg = config_from_hf(hf_model.config.to_dict())
     state = {hf_key_to_ours(k, False): v.clone() for k, v in hf_model.state_dict().items()}
     state = {k: v for k, v in state.items() if k is not None}
-    return build_model(cfg, state, "test")
+    return model_from_state(cfg, state, "test")
 
 
 @pytest.fixture(scope="module")

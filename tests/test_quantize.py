@@ -4,9 +4,9 @@ quality on the real SmolLM2-135M-Instruct against bf16 (the figures in docs/spee
 import pytest
 import torch
 
-from smolvlm.checkpoint import load, save
+from smolvlm.cli.options import load_for_inference
 from smolvlm.errors import SmolVLMError
-from smolvlm.model_options import load_for_inference
+from smolvlm.io import load, save
 from smolvlm.runtime.prepare import prepare
 from smolvlm.runtime.quantize import Int4Linear, Int8Linear, compare_logits
 

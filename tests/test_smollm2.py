@@ -5,9 +5,9 @@ sensible answer."""
 import pytest
 import torch
 
-from smolvlm.checkpoint import load
-from smolvlm.cli import build_messages
 from smolvlm.generation import SamplingParams, generate, generate_batch
+from smolvlm.io import load
+from smolvlm.processing import build_messages
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from smolvlm.cli.options import DTYPE_HELP
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.options import EvalOptions
-from smolvlm.model_options import DTYPE_HELP
 
 # variant -> config overrides on the preset. The baseline is SmolVLM's layout (ViT + pixel shuffle); every other
 # variant changes one thing from it, so each names the vision encoder too (shapes-tiny itself uses the CNN).
@@ -83,10 +83,10 @@ def eval_options(args, world: dict) -> EvalOptions:
 def decode_tokens_per_s(model, processor) -> float:
     """Batch-1 greedy decoding speed after an image prompt, as `smolvlm bench` measures it: LONG and SHORT
     tokens timed, so the prefill cancels out."""
-    from smolvlm.bench import LONG, SHORT, best_time
-    from smolvlm.cli import build_messages
+    from smolvlm.cli.bench import LONG, SHORT, best_time
     from smolvlm.data.shapes import ShapesWorld
     from smolvlm.generation import SamplingParams, generate
+    from smolvlm.processing import build_messages
 
     image = next(iter(ShapesWorld(seed=0).captioning("test", 1))).image
     text = processor.apply_chat_template(build_messages("Describe this image.", 1), add_generation_prompt=True)
@@ -100,9 +100,9 @@ def decode_tokens_per_s(model, processor) -> float:
 
 
 def evaluate_variant(folder: Path, world: dict, args) -> dict:
+    from smolvlm.cli.options import load_for_inference
     from smolvlm.eval.run_folder import PeakMemory
     from smolvlm.eval.runner import run_task
-    from smolvlm.model_options import load_for_inference
 
     model_dir = folder / "train" / "model"
     gc.collect()

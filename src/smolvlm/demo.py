@@ -123,9 +123,8 @@ def plot_results(out: Path, metrics: dict, main_rows: list[dict], blind_rows: li
 
 def sample_answers(model, processor, data_dir: Path, n: int) -> list[dict]:
     """A few test questions answered exactly as `smolvlm generate` answers them (one at a time)."""
-    from smolvlm.cli import build_messages
     from smolvlm.generation import SamplingParams, generate
-    from smolvlm.processing import open_image
+    from smolvlm.processing import build_messages, open_image
 
     rows = read_jsonl(data_dir / "test" / "questions.jsonl")
     picked, seen = [], set()
@@ -251,8 +250,8 @@ def scale_stages(stages: list, steps: int) -> list:
 def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] | None = None,
              blind_steps: int | None = None, test_images: int = 300, compositional_images: int = 100,
              force: bool = False, progress: bool = True, minutes: float = DEMO_MINUTES) -> dict:
+    from smolvlm.cli.options import load_for_inference
     from smolvlm.data.shapes import ShapesWorld, WorldConfig
-    from smolvlm.model_options import load_for_inference
     from smolvlm.train import Stage, resolve_config, train
 
     t_start = time.time()

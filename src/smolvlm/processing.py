@@ -312,6 +312,14 @@ def compile_chat_template(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+def build_messages(prompt: str, n_images: int) -> list[dict]:
+    """One user turn: the images, then the text (SmolVLM's layout). Text-only prompts stay plain
+    strings so that text-only chat templates (e.g. SmolLM2's ChatML) render them too."""
+    if n_images == 0:
+        return [{"role": "user", "content": prompt}]
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
+
+
 def _plain(value: Any) -> Any:
     """Only JSON-like data reaches the template (image objects in content parts become a placeholder)."""
     if value is None or isinstance(value, (str, int, float, bool)):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from smolvlm.cli import main
+from smolvlm.cli.main import main
 
 CAPTIONS = FIXTURES / "caption-metrics"
 V = FIXTURES / "vision-formats"

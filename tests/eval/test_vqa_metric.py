@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from smolvlm.cli import main
+from smolvlm.cli.main import main
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.vqa_metric import (
     evaluate_vqa,

@@ -34,12 +34,12 @@ def test_config_errors(tmp_path):
 
 
 def test_cli_lists_every_preset_without_importing_torch():
-    from smolvlm.cli import TRAIN_PRESETS
+    from smolvlm.cli.train import TRAIN_PRESETS
     from smolvlm.train import PRESETS
 
     assert set(TRAIN_PRESETS) == set(PRESETS)
     # building the parser (every `smolvlm` command, `--help`, `score`) must not pay torch's import
-    code = "import sys, smolvlm.cli as c; c.make_parser(); print('torch' in sys.modules)"
+    code = "import sys, smolvlm.cli.main as c; c.make_parser(); print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert p.stdout.strip() == "False", p.stderr
 

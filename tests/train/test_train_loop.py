@@ -3,7 +3,7 @@ a loss plot; a blind run trains a text-only model; the schedule of a time-budget
 
 from train_harness import losses
 
-from smolvlm.checkpoint import load
+from smolvlm.io import load
 from smolvlm.train import Stage, budget_plan, checkpoint_paths, resolve_config, stage_at, train
 from smolvlm.train.loop import UNPLANNED, make_schedule
 

@@ -4,9 +4,9 @@ cannot be distilled from fails with one line."""
 import pytest
 import torch
 
-from smolvlm.checkpoint import load
 from smolvlm.data.conversations import IGNORE
 from smolvlm.errors import SmolVLMError
+from smolvlm.io import load
 from smolvlm.train import StepBatches, branch_attention_mask, build_data, resolve_config, train
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from train_harness import ENV, SMOLVLM, losses, run_cli
 
-from smolvlm.checkpoint import load
 from smolvlm.errors import SmolVLMError
+from smolvlm.io import load
 from smolvlm.train import checkpoint_paths, prepare_run_dir, read_metrics, resolve_config, resume_config, train
 
 

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from smolvlm.checkpoint import load
+from smolvlm.io import load
 from smolvlm.train import StepBatches, build_data, resolve_config, token_losses, train
 
 

@@ -46,13 +46,13 @@ import json
 import sys
 from pathlib import Path
 
+from smolvlm.cli.options import DTYPE_HELP
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.options import EvalOptions
 from smolvlm.eval.predict import MAX_NEW_TOKENS
 from smolvlm.eval.run_folder import atomic_write_text
 from smolvlm.eval.runner import fmt, model_slug, run_suite, run_task, suite_markdown
 from smolvlm.eval.tasks import SHAPES_DEFAULT_LIMIT, TASKS
-from smolvlm.model_options import DTYPE_HELP
 
 __all__ = ["add_parser", "cmd_eval", "options_from_args", "parse_world"]
 

@@ -105,8 +105,8 @@ def model_slug(text: str) -> str:
 def run_task(task: str, model_arg: str, opts: EvalOptions, out: Path, loaded=None) -> dict:
     """Run and score one task for one model; returns the metrics (also written to out/metrics.json). `loaded`:
     the (model, processor) of model_arg when the caller has it loaded already."""
-    from smolvlm.checkpoint import parse_dtype
-    from smolvlm.model_options import load_for_inference
+    from smolvlm.cli.options import load_for_inference
+    from smolvlm.io.checkpoint import parse_dtype
     from smolvlm.runtime.cpu import dtype_name
 
     data = load_task_data(task, opts)
@@ -161,7 +161,7 @@ def task_predictions(task: str, opts: EvalOptions, out: Path) -> list[dict]:
 
 def run_suite(models: list[str], opts: EvalOptions, out: Path) -> dict:
     """Every shapes task for every model, in OUT/<model>/<task>: {"models": [{name, params, task results...}]}."""
-    from smolvlm.model_options import load_for_inference
+    from smolvlm.cli.options import load_for_inference
 
     rows = []
     for model_arg in models:

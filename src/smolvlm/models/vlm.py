@@ -6,7 +6,7 @@ pixels (B, I, 3, H, W) -> real images (N, 3, H, W) -> VisionEncoder (N, P, Dv)
 
 A model with `vision=None` is a plain language model (e.g. SmolLM2 read from GGUF): same decoder,
 no images. Module names follow Hugging Face's SmolVLMForConditionalGeneration minus its `model.`
-prefix, so checkpoints map 1:1 (see checkpoint.py).
+prefix, so checkpoints map 1:1 (see io/hf_config.py).
 
 Architecture options (defaults: SmolVLM's layout): the CNN encoder, the mlp / ldp connectors, cross-attention
 (the prompt keeps one `<image>` marker per tile, the tile's tokens reach the decoder through gated

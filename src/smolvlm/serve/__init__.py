@@ -4,5 +4,6 @@
     images.py    `image_url` parts -> PIL images (data: URLs, optional http(s)), with size/pixel limits
     engine.py    one worker thread owns decoding; waiting requests are batched
     app.py       the FastAPI app: /v1/chat/completions, /v1/models, /health, the page at /
-    cli.py       `smolvlm serve`
+
+The `smolvlm serve` command (its options, loading the model, starting uvicorn) is smolvlm/cli/serve.py.
 """

@@ -164,7 +164,7 @@ def plot_losses(out: Path, rows: list[dict], stages: list[Stage]) -> Path | None
 
 def save_final(model: VLM, processor, out: Path) -> Path:
     """OUT/model: a SmolVLM checkpoint (adapters merged); OUT/adapters: the LoRA adapters alone."""
-    from smolvlm.checkpoint import save
+    from smolvlm.io import save
 
     model = model.eval()
     if lora_modules(model):

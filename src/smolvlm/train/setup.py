@@ -35,8 +35,8 @@ def init_vision(vision: nn.Module) -> None:
 
 def text_processor_for(source: str):
     """The tokenizer (and its special tokens) of a GGUF file, packaged model or checkpoint folder."""
-    from smolvlm.checkpoint import gguf_text_processor, resolve
-    from smolvlm.gguf_reader import read_gguf_tokenizer
+    from smolvlm.io import resolve
+    from smolvlm.io.gguf import gguf_text_processor, read_gguf_tokenizer
     from smolvlm.processing import Processor
 
     if source == "shapes":
@@ -52,8 +52,9 @@ def text_processor_for(source: str):
 
 def build_train_model(spec: ModelSpec, seed: int, contrastive: bool = False):
     """(model in float32, processor) to train, for a model spec; contrastive: give it a contrastive head. (Not
-    checkpoint.build_model, which builds a model from a config and its saved weights.)"""
-    from smolvlm.checkpoint import add_image_tokens, assemble, load, vision_processor
+    smolvlm.io.checkpoint.model_from_state, which builds a model from a config and its saved weights.)"""
+    from smolvlm.io import assemble, load
+    from smolvlm.io.assemble import add_image_tokens, vision_processor
     from smolvlm.processing import ImageProcessingConfig
     from smolvlm.special_tokens import IMAGE
 
@@ -169,7 +170,7 @@ def lr_factor(step: int, stage: Stage, min_ratio: float) -> float:
 
 
 def load_teacher(distill: DistillConfig, student: VLM, processor) -> VLM:
-    from smolvlm.checkpoint import load
+    from smolvlm.io import load
 
     teacher, teacher_processor = load(distill.teacher, "float32")
     if teacher.cfg.text.vocab_size != student.cfg.text.vocab_size:

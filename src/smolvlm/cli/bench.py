@@ -23,9 +23,9 @@ import subprocess
 import sys
 import time
 
-from smolvlm.doctor import print_report, runtime_report
+from smolvlm.cli.doctor import print_report, runtime_report
+from smolvlm.cli.options import add_model_options
 from smolvlm.errors import SmolVLMError
-from smolvlm.model_options import DTYPE_HELP
 
 PROMPT = "Describe this image."
 LONG, SHORT = 136, 8  # decode_tok_s = (LONG - SHORT) / (t_LONG - t_SHORT)
@@ -52,7 +52,7 @@ def best_time(fn, iters: int) -> float:
 
 class Ours:
     def __init__(self, model_path: str, dtype: str, quantize: str | None):
-        from smolvlm.model_options import load_for_inference
+        from smolvlm.cli.options import load_for_inference
 
         self.model, self.processor = load_for_inference(model_path, dtype, quantize)
 
@@ -80,7 +80,9 @@ class Ours:
 class Transformers:
     def __init__(self, model_path: str, dtype: str, quantize: str | None):
 
-        from smolvlm.checkpoint import load_gguf, parse_dtype, resolve
+        from smolvlm.io import resolve
+        from smolvlm.io.checkpoint import parse_dtype
+        from smolvlm.io.gguf import load_gguf
 
         if quantize:
             raise SmolVLMError("--quantize applies to smolvlm only; transformers is measured in --dtype")
@@ -130,8 +132,7 @@ def measure(args) -> dict:
     """Run in a worker process: load, warm up, time. Returns the figures (and what was measured)."""
     import torch
 
-    from smolvlm.cli import build_messages
-    from smolvlm.processing import open_image
+    from smolvlm.processing import build_messages, open_image
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,7 +184,7 @@ def measure(args) -> dict:
 
 
 def run_worker(args, impl: str) -> dict:
-    cmd = [sys.executable, "-m", "smolvlm.bench", "--worker", impl, "--model", args.model, "--dtype", args.dtype,
+    cmd = [sys.executable, "-m", "smolvlm.cli.bench", "--worker", impl, "--model", args.model, "--dtype", args.dtype,
            "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     if args.image:
         cmd += ["--image", args.image]
@@ -244,7 +245,8 @@ def print_table(results: dict[str, dict], rat: dict | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from smolvlm.checkpoint import parse_dtype, resolve
+    from smolvlm.io import resolve
+    from smolvlm.io.checkpoint import parse_dtype
     from smolvlm.processing import open_image
     from smolvlm.runtime.quantize import check_mode
 
@@ -278,32 +280,26 @@ def add_parser(subparsers) -> None:
         description="Time one model on one image: vision tower per tile, time to first token, batch-1 decode "
                     "tokens/s (128 / (t136 - t8)), peak RSS; each implementation in its own process.",
     )
-    b.add_argument("--model", required=True, help="checkpoint folder, .gguf, hub id or packaged name")
+    add_model_options(b, dtype_note="transformers runs in the same dtype (--quantize applies to smolvlm only)")
     b.add_argument("--image", metavar="FILE", help="the image (a 640x480 photo gives 13 tiles with SmolVLM's "
                                                    "processor); omit for a text-only model")
-    b.add_argument("--dtype", default="auto", help=DTYPE_HELP + "; transformers runs in the same dtype")
-    b.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of smolvlm's decoder")
     b.add_argument("--batch-size", type=int, default=1, metavar="B",
                    help="also measure decoding B text-only prompts together (default 1: skip)")
     b.add_argument("--compare", choices=["transformers"], help="also measure transformers, in its own process")
     b.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="alternate the processes R times and keep each figure's best (default 1)")
     b.add_argument("--iters", type=int, default=3, metavar="N", help="timed runs per figure, best kept (default 3)")
-    b.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
     b.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     b.set_defaults(func=cmd_bench)
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m smolvlm.bench", description="one measurement (internal)")
+    p = argparse.ArgumentParser(prog="python -m smolvlm.cli.bench", description="one measurement (internal)")
     p.add_argument("--worker", choices=list(IMPLEMENTATIONS), required=True)
-    p.add_argument("--model", required=True)
+    add_model_options(p)
     p.add_argument("--image")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantize")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(json.dumps(measure(args)))

@@ -1,5 +1,5 @@
 """The options of every command that runs a model (generate, chat, caption, serve, eval, bench) and the one road
-from them to a model ready for inference: checkpoint.load (the plain model) then runtime.prepare (the fast one for
+from them to a model ready for inference: smolvlm.io.load (the plain model) then runtime.prepare (the fast one for
 this CPU). So `--model --dtype --quantize --threads` mean the same everywhere, and `--dtype auto` is the default.
 """
 
@@ -14,10 +14,11 @@ MODEL_HELP = ("checkpoint folder, .gguf file, hub id (owner/name), or 'smollm2-1
 
 
 def add_model_options(parser: argparse.ArgumentParser, model_required: bool = True, model_help: str = MODEL_HELP,
-                      quantize: bool = True) -> None:
+                      quantize: bool = True, dtype_note: str = "") -> None:
+    """dtype_note: what --dtype also governs in this command (appended to its help)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=model_required, help=model_help)
-    g.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    g.add_argument("--dtype", default="auto", help=DTYPE_HELP + (f"; {dtype_note}" if dtype_note else ""))
     if quantize:
         g.add_argument("--quantize", choices=["int8", "int4"],
                        help="weight-only quantization of the decoder at load (faster decoding; docs/speed.md)")
@@ -28,7 +29,8 @@ def load_for_inference(model: str, dtype: str = "auto", quantize: str | None = N
     """(model, processor): the checkpoint, quantized if asked, with this CPU's fast paths (runtime.prepare)."""
     import torch
 
-    from smolvlm.checkpoint import load, parse_dtype
+    from smolvlm.io import load
+    from smolvlm.io.checkpoint import parse_dtype
     from smolvlm.runtime.prepare import prepare
     from smolvlm.runtime.quantize import check_mode
 

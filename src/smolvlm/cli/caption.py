@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from smolvlm.cli.options import add_model_options
 from smolvlm.errors import SmolVLMError
-from smolvlm.model_options import add_model_options
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 DEFAULT_PROMPT = "Describe this image in one sentence."
@@ -96,8 +96,8 @@ def caption_batch(model, processor, prompt_text: str, paths: list[Path], params)
 def cmd_caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from smolvlm.cli import build_messages
     from smolvlm.generation import SamplingParams
+    from smolvlm.processing import build_messages
 
     if args.batch_size < 1:
         raise SmolVLMError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -116,7 +116,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     captioned, failures, facts = 0, [], {}
     if todo:
-        from smolvlm.model_options import load_from_args, runtime_facts
+        from smolvlm.cli.options import load_from_args, runtime_facts
 
         model, processor = load_from_args(args)
         facts = runtime_facts(model, args.dtype)

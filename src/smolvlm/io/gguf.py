@@ -6,6 +6,7 @@ This gives back what `transformers` derives from the same file -- LlamaConfig fi
 LlamaForCausalLM state dict and a `tokenizers` tokenizer -- following the rules of
 transformers/modeling_gguf_pytorch_utils.py, transformers/integrations/ggml.py and
 transformers/integrations/gguf/gguf_tokenizer_mapping.py (5.x), which the tests check value for value.
+`load_gguf` turns that into a text-only smolvlm model and its processor.
 """
 
 import re
@@ -19,6 +20,10 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.io.checkpoint import model_from_state, parse_dtype
+from smolvlm.io.hf_config import hf_key_to_ours, text_config_from_hf
+from smolvlm.models.vlm import VLM, VLMConfig
+from smolvlm.processing import Processor
 
 
 @dataclass
@@ -274,3 +279,24 @@ def build_tokenizer(path: Path, meta: dict) -> tuple[Tokenizer, dict]:
     special = [(t, tokenizer.token_to_id(t)) for t, used in ((bos, add_bos), (eos, add_eos)) if used]
     tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
     return tokenizer, tokenizer_config
+
+
+# ---------------------------------------------------------------------------------------------
+# as a smolvlm model
+
+
+def load_gguf(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple[VLM, Processor]:
+    """A Llama-family GGUF (e.g. SmolLM2) as a text-only model with its own tokenizer and template."""
+    ckpt = read_gguf(path, dtype=parse_dtype(dtype))
+    cfg = VLMConfig(text=text_config_from_hf(ckpt.config), vision=None)
+    state = {hf_key_to_ours(k, True): v for k, v in ckpt.state_dict.items()}
+    model = model_from_state(cfg, state, str(path))
+    return model, gguf_text_processor(ckpt.tokenizer, ckpt.tokenizer_config)
+
+
+def gguf_text_processor(tokenizer: Tokenizer, tokenizer_config: dict) -> Processor:
+    """The text-only processor of a GGUF file's tokenizer: its chat template, EOS, and EOS as padding
+    when the file names no pad token."""
+    tc = tokenizer_config
+    return Processor(tokenizer, image_config=None, image_seq_len=0, chat_template=tc.get("chat_template"),
+                     eos_token=tc.get("eos_token"), pad_token=tc.get("pad_token") or tc.get("eos_token"))

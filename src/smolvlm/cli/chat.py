@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from smolvlm.cli.options import add_model_options
 from smolvlm.errors import SmolVLMError
-from smolvlm.model_options import add_model_options
 
 HELP = "commands: /image PATH (attach to the next question), /reset (forget the conversation), /quit"
 
@@ -65,8 +65,8 @@ class Chat:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from smolvlm.cli.options import load_from_args
     from smolvlm.generation import SamplingParams
-    from smolvlm.model_options import load_from_args
     from smolvlm.processing import open_image
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -7,9 +7,9 @@ import sys
 import pytest
 from PIL import Image
 
-from smolvlm.checkpoint import load
-from smolvlm.cli import main
+from smolvlm.cli.main import main
 from smolvlm.generation import SamplingParams, generate
+from smolvlm.io import load
 
 N = 8
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")

@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from smolvlm.cli import main
+from smolvlm.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from smolvlm.cli.options import add_model_options
 from smolvlm.errors import SmolVLMError
-from smolvlm.model_options import add_model_options
 
 
 def served_name(model: str) -> str:
@@ -24,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SmolVLMError(f"serving needs the 'serve' extra ({e.name} is missing); pip install 'smolvlm[serve]'"
                            ) from None
-    from smolvlm.model_options import load_from_args, runtime_facts
+    from smolvlm.cli.options import load_from_args, runtime_facts
     from smolvlm.serve.protocol import Limits
 
     for name in ("max_batch_size", "max_queue", "max_images", "max_image_pixels", "max_tokens", "max_request_bytes"):

@@ -6,10 +6,10 @@ import json
 import pytest
 from PIL import Image
 
-from smolvlm.checkpoint import load
-from smolvlm.cli import build_messages, main
+from smolvlm.cli.main import main
 from smolvlm.generation import SamplingParams, generate
-from smolvlm.processing import open_image
+from smolvlm.io import load
+from smolvlm.processing import build_messages, open_image
 
 PROMPT = "Describe this image in one sentence."
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from reference import make_hf_smolvlm, prompt_ids
-from smolvlm.checkpoint import assemble, load, save
 from smolvlm.errors import SmolVLMError
+from smolvlm.io import assemble, load, save
 
 
 def hf_logits(hf_model, ids, pixels=None):

@@ -1,4 +1,4 @@
-"""smolvlm.gguf_reader against transformers reading the same GGUF: the real SmolLM2-135M-Instruct
+"""smolvlm.io.gguf against transformers reading the same GGUF: the real SmolLM2-135M-Instruct
 (Q4_1/Q8_0/F32) and tiny files written here (F16/Q8_0/F32, an output head, other tokenizer flags)."""
 
 import numpy as np
@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 from smolvlm.errors import SmolVLMError
-from smolvlm.gguf_reader import byte_alphabet, read_gguf, unpermute_rows
+from smolvlm.io.gguf import byte_alphabet, read_gguf, unpermute_rows
 
 CONFIG_FIELDS = [
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
