@@ -105,3 +105,16 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory) -> Path:
+    """A finished test-tiny run (fp32, 12 steps) that the trainer's tests (tests/train/) start from or check: the
+    LoRA and distillation tests start from its model. Here, not in a tests/train/conftest.py: a second module
+    named conftest would shadow this one for the `from conftest import ...` of the tests collected after it."""
+    from smolvlm.train import resolve_config, train
+
+    out = tmp_path_factory.mktemp("base") / "run"
+    cfg = resolve_config("test-tiny", None, ["bf16=false", "stages.0.steps=12", "threads=1"])
+    train(cfg, out, progress=False)
+    return out

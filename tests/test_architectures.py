@@ -130,7 +130,7 @@ def xattn_model():
 
 def shapes_prompts(processor, n: int):
     from smolvlm.data.shapes import ShapesWorld
-    from smolvlm.eval.runner import _messages
+    from smolvlm.eval.predict import _messages
 
     items = list(ShapesWorld(seed=0).captioning("test", n))
     questions = ["What is this?", "How many objects are there in the picture?", "Describe it."][:n]

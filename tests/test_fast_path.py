@@ -234,8 +234,8 @@ def test_the_image_cache_belongs_to_its_conversation_not_to_the_model(tiny_hf_ch
     and the server's engine each own one, so a re-sent image costs a hash."""
     from PIL import Image
 
-    from smolvlm.chat import Chat
-    from smolvlm.checkpoint import load
+    from smolvlm.cli.chat import Chat
+    from smolvlm.io import load
     from smolvlm.serve.engine import Engine
 
     model, processor = load(tiny_hf_checkpoint[0])

@@ -13,7 +13,7 @@ EXIT_USAGE = 2
 # sub-command with `set_defaults(func=...)`, and keeps heavy imports inside its functions (`--help` needs no torch).
 COMMAND_MODULES: list[str] = [
     "smolvlm.cli.generate", "smolvlm.cli.assemble", "smolvlm.cli.train", "smolvlm.demo", "smolvlm.cli.doctor",
-    "smolvlm.cli.serve", "smolvlm.cli.caption", "smolvlm.cli.chat", "smolvlm.eval.score", "smolvlm.eval.runner",
+    "smolvlm.cli.serve", "smolvlm.cli.caption", "smolvlm.cli.chat", "smolvlm.eval.score", "smolvlm.eval.cli",
     "smolvlm.cli.bench", "smolvlm.ablate",
 ]
 

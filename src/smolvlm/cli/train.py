@@ -6,7 +6,7 @@ import json
 
 from smolvlm.errors import SmolVLMError
 
-# The names of smolvlm.train.PRESETS, for `train --help` without importing torch (tests/test_train.py
+# The names of smolvlm.train.PRESETS, for `train --help` without importing torch (tests/train/test_train_config.py
 # checks that they agree).
 TRAIN_PRESETS = ("shapes-tiny", "smollm2-shapes", "test-tiny")
 # smolvlm.models.connector.CONNECTORS, for `train --help` without importing torch (tests check they agree)

@@ -12,7 +12,6 @@ from typing import Any
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.options import EvalOptions
 from smolvlm.eval.predict import (
-    _messages,  # noqa: F401  (tests/test_architectures.py imports it from here)
     retrieval_scoring,
     run_generation,
     run_retrieval,
@@ -20,7 +19,7 @@ from smolvlm.eval.predict import (
 from smolvlm.eval.run_folder import PeakMemory, RunFolder, atomic_write_text, read_predictions
 from smolvlm.eval.tasks import SUITE_TASKS, TaskData, load_task_data
 
-__all__ = ["add_parser", "run_suite", "run_task", "score_task", "suite_markdown", "task_predictions"]
+__all__ = ["run_suite", "run_task", "score_task", "suite_markdown", "task_predictions"]
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -198,10 +197,3 @@ def suite_markdown(suite: dict) -> str:
             lines.append(f"| {model_slug(row['model'])} | {task} | {fmt(eff.get('samples_per_s'), 2)}{unit} "
                          f"| {fmt(eff.get('peak_memory_mb'), 0)} |")
     return "\n".join(lines) + "\n"
-
-
-def add_parser(subparsers):
-    """`smolvlm eval`'s parser, for the command list (smolvlm.cli.COMMAND_MODULES) that names this module."""
-    from smolvlm.eval.cli import add_parser as add
-
-    return add(subparsers)
