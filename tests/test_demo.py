@@ -12,7 +12,6 @@ from smolvlm.demo import (
     RESERVE_STEPS,
     normalize_answer,
     plan_steps,
-    scale_stages,
 )
 from smolvlm.errors import SmolVLMError
 
@@ -48,14 +47,6 @@ def test_plan_trains_fewer_steps_on_a_slower_cpu_and_fits_the_budget():
 def test_plan_refuses_a_budget_that_buys_almost_nothing():
     with pytest.raises(SmolVLMError, match="raise --minutes or pass --minutes 0"):
         plan_steps(1800, 0.33, 120.0)
-
-
-def test_scale_stages_keeps_proportions_and_warmups():
-    from smolvlm.train import Stage
-
-    stages = scale_stages([Stage(name="a", steps=1200, warmup_steps=50), Stage(name="b", steps=600,
-                                                                             warmup_steps=700)], 900)
-    assert [s.steps for s in stages] == [600, 701] and [s.warmup_steps for s in stages] == [50, 700]
 
 
 @pytest.mark.parametrize("args, message", [(["--minutes", "-1"], "--minutes must be >= 0"),

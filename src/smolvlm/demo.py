@@ -6,7 +6,7 @@
     train a text-only ("blind") baseline on the same questions (DIR/runs/blind) and evaluate it, which times
         this CPU's evaluation
     train the demo model from scratch (DIR/runs/main) -> DIR/model (a SmolVLM checkpoint): the preset's steps,
-        or as many as the budget has left after the model's own evaluation buys, the schedule rescaled
+        or as many as fit what the budget has left after the model's own evaluation (train's max_minutes)
     evaluate it on the same held-out questions (smolvlm eval's shapes tasks) -> DIR/metrics.json, DIR/*.png,
         DIR/report.md, a table
 
@@ -182,7 +182,6 @@ DEMO_MINUTES = 10.0  # the whole demo's wall-clock budget by default (`make demo
 BLIND_STEP_COST = 0.8
 RESERVE_STEPS = 160
 PROBE_STEPS = 10  # timed steps, after one untimed (it pays one-off costs)
-TRAIN_MARGIN = 1.06  # a run's wall time per step against the probe's: start-up, checkpoints, the final save
 EVAL_MARGIN = 1.15  # the model's evaluation against the blind one's: the same questions, answers of similar length
 FINISH_SECONDS = 10.0  # sample answers, plots, report
 MIN_STEP_SHARE = 0.25  # a budget that buys fewer of the preset's steps than this is refused, not run
@@ -241,12 +240,6 @@ def probe_seconds_per_step(cfg, folder: Path) -> float:
     return (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / max(1, len(rows) - 1)
 
 
-def scale_stages(stages: list, steps: int) -> list:
-    """The stages rescaled to `steps` in all, same proportions; each keeps its warmup and at least one more step."""
-    scale = steps / sum(s.steps for s in stages)
-    return [dataclasses.replace(s, steps=max(s.warmup_steps + 1, round(s.steps * scale))) for s in stages]
-
-
 def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] | None = None,
              blind_steps: int | None = None, test_images: int = 300, compositional_images: int = 100,
              force: bool = False, progress: bool = True, minutes: float = DEMO_MINUTES) -> dict:
@@ -300,16 +293,15 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     blind_eval = evaluate_model(*load_for_inference(str(blind.model_dir)), "blind", data_dir, progress=progress)
 
     if budgeted:
-        # what is left, less the model's evaluation (timed on the blind one's) and the report, buys the model's
-        # steps at the probed speed: the preset's, or fewer with the schedule rescaled
+        # what is left, less the model's evaluation (timed on the blind one's) and the report, is the model's
+        # training budget: train() times its first steps and trains the preset's steps, or as many as fit with the
+        # schedule rescaled (budget_may_extend=false: never more than the preset's)
         left = minutes * 60 - (time.time() - t_start) - EVAL_MARGIN * blind_eval["eval_s"] - FINISH_SECONDS
-        steps = min(cfg.total_steps, int(left / (TRAIN_MARGIN * plan.seconds_per_step)))
-        if steps < MIN_STEP_SHARE * cfg.total_steps:
+        if left < MIN_STEP_SHARE * cfg.total_steps * plan.seconds_per_step:
             raise SmolVLMError(f"the baseline and its evaluation left {max(0.0, left) / 60:.1f} min for the model: "
                                "too little for a demo worth reading; raise --minutes or pass --minutes 0")
-        if steps < cfg.total_steps:
-            cfg = dataclasses.replace(cfg, stages=scale_stages(cfg.stages, steps))
-    print(f"training {preset} ({cfg.total_steps} steps)", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, max_minutes=left / 60, budget_may_extend=False)
+    print(f"training {preset} (up to {cfg.total_steps} steps)", file=sys.stderr)
     main = train(cfg, out / "runs" / "main", progress=progress)
     os.replace(main.model_dir, out / "model")
     model, processor = load_for_inference(str(out / "model"))

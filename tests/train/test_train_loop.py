@@ -36,6 +36,9 @@ def test_schedule_of_stages_and_time_budgets():
     # 12 steps done at 0.5 s each, 44 s left: 12 + 88 = 100 steps in the stages' proportions (3:1)
     assert [s.steps for s in budget_plan(stages, 12, 0.5, 44.0)] == [75, 25]
     assert [s.steps for s in budget_plan(stages, 0, 0.5, 0.0)] == [6, 3]  # never shorter than warmup + 1
+    # budget_may_extend=false (the demo): the budget shortens the stages but never lengthens them
+    assert [s.steps for s in budget_plan(stages, 12, 0.5, 44.0, may_extend=False)] == [30, 10]
+    assert [s.steps for s in budget_plan(stages, 12, 0.5, 8.0, may_extend=False)] == [21, 7]
 
     cfg = resolve_config("test-tiny", None, ["stages.0.steps=30"])
     plain = make_schedule(cfg, None, max_steps=None)
@@ -45,5 +48,8 @@ def test_schedule_of_stages_and_time_budgets():
     # until its plan is made, a budgeted run stays in its first stage and ends by the clock
     first = make_schedule(budgeted, None, max_steps=None)
     assert first.total == UNPLANNED and first.stages[0].steps == UNPLANNED and not first.planned
+    capped = make_schedule(resolve_config("test-tiny", None, ["stages.0.steps=30", "max_minutes=1",
+                                                              "budget_may_extend=false"]), None, max_steps=None)
+    assert capped.total == capped.length == 30 and not capped.planned
     resumed = make_schedule(budgeted, {"planned_steps": [55]}, max_steps=None)
     assert resumed.planned and resumed.total == 55 and resumed.stages[0].steps == 55

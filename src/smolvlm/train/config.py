@@ -119,6 +119,7 @@ class TrainConfig:
     threads: int = 0  # torch threads per process (0 = cores / processes)
     contrastive_weight: float = 0.0  # > 0: + this x SigLIP's image-caption loss in every "lm" stage
     max_minutes: float = 0.0  # > 0: a wall-clock budget for the whole run (the stages' steps are rescaled to it)
+    budget_may_extend: bool = True  # false: the budget only shortens the stages, never trains more than configured
 
     @property
     def contrastive(self) -> bool:

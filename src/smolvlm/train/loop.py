@@ -66,9 +66,13 @@ BUDGET_PROBE_STEPS = 8
 UNPLANNED = 10**9  # the step count of a budgeted run until its plan is made (it ends by the clock or the plan)
 
 
-def budget_plan(stages: list[Stage], steps_done: int, seconds_per_step: float, seconds_left: float) -> list[Stage]:
-    """The stages rescaled (same proportions and warmups) to steps_done + the steps seconds_left buys."""
+def budget_plan(stages: list[Stage], steps_done: int, seconds_per_step: float, seconds_left: float,
+                may_extend: bool = True) -> list[Stage]:
+    """The stages rescaled (same proportions and warmups) to steps_done + the steps seconds_left buys; with
+    may_extend false, the configured stages themselves when the budget buys at least as many."""
     target = steps_done + int(seconds_left / max(seconds_per_step, 1e-9))
+    if not may_extend and target >= sum(s.steps for s in stages):
+        return list(stages)
     scale = target / sum(s.steps for s in stages)
     return [dataclasses.replace(s, steps=max(s.warmup_steps + 1, round(s.steps * scale))) for s in stages]
 
@@ -93,16 +97,18 @@ class Schedule:
 
 def make_schedule(cfg: TrainConfig, state: dict | None, max_steps: int | None) -> Schedule:
     """The configured stages; for a time budget, the plan the checkpoint recorded, or until the plan is made, the
-    first stage open-ended (warmup, then the peak learning rate) and the run ended by the clock."""
+    first stage open-ended (warmup, then the peak learning rate) and the run ended by the clock (a budget that may
+    not extend the stages starts from them as configured)."""
     budget_s = cfg.max_minutes * 60
     planned = budget_s > 0 and state is not None and "planned_steps" in state
     stages = cfg.stages
     if planned:
         stages = [dataclasses.replace(s, steps=n) for s, n in zip(cfg.stages, state["planned_steps"], strict=True)]
-    if budget_s and not planned:
+    open_ended = budget_s and not planned and cfg.budget_may_extend  # a budget that only shortens starts as configured
+    if open_ended:
         stages = [dataclasses.replace(cfg.stages[0], steps=UNPLANNED)] + cfg.stages[1:]
     schedule = Schedule(stages, total=0, planned=planned, max_steps=max_steps)
-    schedule.stop_at(schedule.length if not budget_s or planned else UNPLANNED)
+    schedule.stop_at(UNPLANNED if open_ended else schedule.length)
     return schedule
 
 
@@ -136,7 +142,8 @@ def check_budget(budget: Budget, schedule: Schedule, cfg: TrainConfig, dist: Dis
         budget.probe_from = (done, train_seconds)
     elif not schedule.planned and done - budget.probe_from[0] >= BUDGET_PROBE_STEPS:
         per_step = (train_seconds - budget.probe_from[1]) / (done - budget.probe_from[0])
-        schedule.stages = budget_plan(cfg.stages, done, per_step, budget.seconds - train_seconds)
+        schedule.stages = budget_plan(cfg.stages, done, per_step, budget.seconds - train_seconds,
+                                      cfg.budget_may_extend)
         schedule.planned = True
         schedule.stop_at(max(done, schedule.length))
         if bar is not None:
