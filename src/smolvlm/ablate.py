@@ -52,7 +52,8 @@ def log(message: str) -> None:
 
 def train_variant(cfg, folder: Path, args) -> dict:
     """Train one variant under the budget (or finish its interrupted run); returns its training figures."""
-    from smolvlm.eval.run_folder import PeakMemory, atomic_write_text
+    from smolvlm.eval.run_folder import PeakMemory
+    from smolvlm.files import atomic_write_text
     from smolvlm.train import read_metrics, train
 
     run = folder / "train"
@@ -131,7 +132,7 @@ def run_variant(name: str, args) -> int:
     """Train and evaluate one variant (in a process of its own); writes DIR/<name>/result.json."""
     import torch
 
-    from smolvlm.eval.run_folder import atomic_write_text
+    from smolvlm.files import atomic_write_json
     from smolvlm.train import resolve_config
 
     if args.threads:
@@ -148,7 +149,7 @@ def run_variant(name: str, args) -> int:
     peaks = [p for p in (result["train_peak_rss_mb"], result["eval_peak_rss_mb"]) if p is not None]
     result["peak_rss_mb"] = max(peaks)
     result["settings"] = ablation_settings(args)
-    atomic_write_text(folder / "result.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_json(folder / "result.json", result)
     return 0
 
 
@@ -161,7 +162,7 @@ def ablation_settings(args) -> dict:
 def run_ablation(args) -> dict:
     import multiprocessing
 
-    from smolvlm.eval.run_folder import atomic_write_text
+    from smolvlm.files import atomic_write_json, atomic_write_text
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def run_ablation(args) -> dict:
             f"{result['decode_tok_s']:.0f} tok/s")
     summary = {"preset": args.preset, "budget_minutes": args.budget_minutes, "overrides": args.overrides,
                "eval_limit": args.eval_limit, "variants": results}
-    atomic_write_text(out / "ablations.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "ablations.json", summary)
     atomic_write_text(out / "ablations.md", ablation_markdown(summary))
     plot_ablation(summary, out / "ablations.png")
     return summary

@@ -29,13 +29,9 @@ from pathlib import Path
 
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.accuracy import normalize_short_answer as normalize_answer  # a sample answer's right/wrong rule
+from smolvlm.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 
 MARKER = "demo.json"  # marks a folder as a demo's, so --force never deletes anything else
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def eval_task(model, processor, name: str, task: str, folder: Path, run_dir: Path, max_new_tokens: int | None,
@@ -82,7 +78,7 @@ def prepare_out(out: Path, force: bool) -> None:
             raise SmolVLMError(f"{out} holds an earlier demo; pass --force to replace it or choose a new --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    atomic_write_json(out / MARKER, {"started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def plot_results(out: Path, metrics: dict, main_rows: list[dict], blind_rows: list[dict]) -> list[str]:
@@ -169,9 +165,7 @@ def write_report(out: Path, metrics: dict, samples: list[dict], plots: list[str]
         mark = "right" if s["correct"] else "WRONG"
         lines += [f"![{s['image']}](data/test/{s['image']})", "",
                   f"**Q:** {s['question']}  **A (model):** {s['prediction']}  (truth: {s['answer']}, {mark})", ""]
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "report.md")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 BLIND_STEPS = 400  # at most; half the model's steps when that is fewer
@@ -183,7 +177,7 @@ BLIND_STEP_COST = 0.8
 RESERVE_STEPS = 160
 PROBE_STEPS = 10  # timed steps, after one untimed (it pays one-off costs)
 EVAL_MARGIN = 1.15  # the model's evaluation against the blind one's: the same questions, answers of similar length
-FINISH_SECONDS = 10.0  # sample answers, plots, report
+FINISH_SECONDS = 20.0  # sample answers, plots, report, the interpreter's exit
 MIN_STEP_SHARE = 0.25  # a budget that buys fewer of the preset's steps than this is refused, not run
 
 
@@ -335,21 +329,17 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     }
     plots = plot_results(out, metrics, read_metrics(out / "runs" / "main"), read_metrics(out / "runs" / "blind"))
     write_report(out, metrics, samples, plots)
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(x) + "\n" for x in samples)
+    atomic_write_jsonl(out / "samples.jsonl", samples)
     _write_predictions(out / "predictions.jsonl", data_dir, seeing, blind_eval)
     metrics["wall_s"] = round(time.time() - t_start, 1)
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
 def _write_predictions(path: Path, data_dir: Path, seeing: dict, blind: dict) -> None:
     rows = read_jsonl(data_dir / "test" / "questions.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        for r, a, b in zip(rows, seeing["test"]["answers"], blind["test"]["answers"], strict=True):
-            f.write(json.dumps({**r, "prediction": a, "blind_prediction": b}) + "\n")
+    answers = zip(rows, seeing["test"]["answers"], blind["test"]["answers"], strict=True)
+    atomic_write_jsonl(path, ({**r, "prediction": a, "blind_prediction": b} for r, a, b in answers))
 
 
 def format_table(m: dict) -> str:

@@ -11,7 +11,7 @@ Each implementation is measured in its own fresh process (so peak RSS is its own
     peak_rss_mb        the process's peak resident memory (ru_maxrss)
 
 transformers' full processor needs torchvision, so the transformers side is fed our processor's
-input_ids / pixel_values (the same values: tests/test_processing.py checks them against transformers')
+input_ids / pixel_values (the same values: tests/processing/test_processing.py checks them against transformers')
 and only transformers' model is timed. With --repeat R the two processes alternate R times and each
 figure is the best over the repeats, which keeps the ratios fair on a shared, noisy machine.
 """

@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.files import atomic_path, atomic_write_json
 
 try:  # only for a progress bar in `export`
     from tqdm import tqdm
@@ -802,9 +803,8 @@ class ShapesWorld:
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def export(out_dir: str | Path, split: str, n: int, cfg: WorldConfig | None = None, seed: int = 0, *,
@@ -866,9 +866,7 @@ def export(out_dir: str | Path, split: str, n: int, cfg: WorldConfig | None = No
         raise
     meta = {"split": split, "n": n, "seed": seed, "questions_per_image": questions_per_image,
             "counts": counts, "config": cfg.to_dict()}
-    tmp = folder / ".world.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / "world.json")
+    atomic_write_json(folder / "world.json", meta)
     return folder
 
 

@@ -50,9 +50,9 @@ from smolvlm.cli.options import DTYPE_HELP
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.options import EvalOptions
 from smolvlm.eval.predict import MAX_NEW_TOKENS
-from smolvlm.eval.run_folder import atomic_write_text
 from smolvlm.eval.runner import fmt, model_slug, run_suite, run_task, suite_markdown
 from smolvlm.eval.tasks import SHAPES_DEFAULT_LIMIT, TASKS
+from smolvlm.files import atomic_write_json, atomic_write_text
 
 __all__ = ["add_parser", "cmd_eval", "options_from_args", "parse_world"]
 
@@ -106,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.out or "eval-runs/suite-shapes")
         suite = run_suite(args.model, opts, out)
         md = suite_markdown(suite)
-        atomic_write_text(out / "suite.json", json.dumps(suite, indent=2) + "\n")
+        atomic_write_json(out / "suite.json", suite)
         atomic_write_text(out / "suite.md", md)
         print(json.dumps(suite) if args.json else md, end="" if not args.json else "\n")
         return 0

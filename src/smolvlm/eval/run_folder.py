@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import resource
-import tempfile
 from pathlib import Path
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.files import atomic_write_text
 
 
 class RunFolder:
@@ -102,19 +102,6 @@ def _read_predictions(path: Path) -> tuple[dict[str, dict], int]:
 def read_predictions(folder: Path) -> dict[str, dict]:
     """FOLDER/predictions.jsonl (a run folder's) by example id: {"id", "prediction" or "scores", ["error"]}."""
     return _read_predictions(Path(folder) / "predictions.jsonl")[0]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PeakMemory:

@@ -19,6 +19,7 @@ from torch import nn
 
 from smolvlm.data.conversations import IGNORE
 from smolvlm.errors import SmolVLMError
+from smolvlm.files import atomic_write_json
 from smolvlm.lora import add_lora, lora_modules
 from smolvlm.models.vlm import VLM
 from smolvlm.train.config import Stage, TrainConfig
@@ -26,7 +27,6 @@ from smolvlm.train.data import StepBatches, build_data, step_loader
 from smolvlm.train.distributed import Dist, init_distributed
 from smolvlm.train.losses import batch_loss
 from smolvlm.train.run_dir import (
-    atomic_write_text,
     load_latest_checkpoint,
     open_metrics,
     plot_losses,
@@ -264,7 +264,7 @@ def finish_run(out: Path, cfg: TrainConfig, model: VLM, processor, schedule: Sch
     if budget.seconds and finished:
         note = {"max_minutes": cfg.max_minutes, "steps": step, "planned_steps": schedule.length,
                 "train_seconds": round(clock.seconds(), 1), "ended_by": "budget" if budget.spent else "schedule"}
-        atomic_write_text(out / "budget.json", json.dumps(note, indent=2))
+        atomic_write_json(out / "budget.json", note)
     return save_final(model, processor, out) if finished else None
 
 

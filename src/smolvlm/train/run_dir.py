@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -20,16 +19,10 @@ from pathlib import Path
 import torch
 
 from smolvlm.errors import SmolVLMError
+from smolvlm.files import atomic_path, atomic_write_jsonl, atomic_write_text
 from smolvlm.lora import lora_modules, merge_lora, save_adapters
 from smolvlm.models.vlm import VLM
 from smolvlm.train.config import Stage, TrainConfig, config_to_dict
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
 
 EXECUTION_KEYS = ("threads", "workers", "checkpoint_every", "keep_checkpoints")
 
@@ -87,9 +80,8 @@ def save_checkpoint(out: Path, step: int, model: VLM, optimizer, keep: int, extr
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), **(extra or {})}
     final = folder / f"step-{step:07d}.pt"
-    tmp = folder / f".{final.name}.tmp"
-    torch.save(state, tmp)  # a kill here leaves only a .tmp file, which resume ignores
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:  # a kill leaves at most a hidden .tmp file, which resume ignores
+        torch.save(state, tmp)
     for _, old in checkpoint_paths(out)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
 
@@ -120,7 +112,7 @@ def open_metrics(out: Path, start: int):
     """OUT/metrics.jsonl cut back to exactly the steps up to `start` (a killed run may have logged more), opened
     for appending this session's rows."""
     rows = [r for r in read_metrics(out) if r.get("step", 0) <= start]
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_jsonl(out / "metrics.jsonl", rows)
     return open(out / "metrics.jsonl", "a", encoding="utf-8")
 
 
@@ -155,10 +147,9 @@ def plot_losses(out: Path, rows: list[dict], stages: list[Stage]) -> Path | None
     ax.legend()
     fig.tight_layout()
     path = out / "loss.png"
-    tmp = out / ".loss.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -4,7 +4,7 @@
 // ~40 small ops per layer around them (norms, RoPE, cache writes, SDPA setup, SiLU, residual adds: each a
 // Python call plus a dispatch). Here everything between the matmuls is a plain loop over a few hundred numbers,
 // and the matmuls stream their weights once (gemv.cpp: project()).
-// The math is models/decoder.py's (tests/test_decode_step.py compares the two); only the rounding differs:
+// The math is models/decoder.py's (tests/runtime/test_decode_step.py compares the two); only the rounding differs:
 // RoPE, attention and SiLU x up run in float32 and round to the activation dtype once.
 //
 // Activations (x, norm weights, KV cache, cos/sin are read as float) are bf16 or float32: the step is a template

@@ -15,7 +15,7 @@ from conftest import require
 from serve_harness import Server, png_bytes, user
 
 CHROMIUM = Path("/usr/bin/chromium")
-DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "webchat.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "webchat.png"
 QUESTION = "What is in this picture?"
 MAX_TOKENS = 24
 

@@ -10,13 +10,13 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from test_processing import PHOTO_JPEG, PHOTO_TALL, assert_same_call
 
 from reference import TINY_IMAGE, hf_auto_processor, make_hf_smolvlm
 from smolvlm.errors import SmolVLMError
 from smolvlm.generation import SamplingParams, generate
 from smolvlm.io import load, save
 from smolvlm.processing import Processor, open_image
-from test_processing import PHOTO_JPEG, PHOTO_TALL, assert_same_call
 
 TILE, LONGEST_EDGE = TINY_IMAGE["max_image_size"]["longest_edge"], TINY_IMAGE["size"]["longest_edge"]
 
