@@ -14,10 +14,14 @@ MODEL_HELP = ("checkpoint folder, .gguf file, hub id (owner/name), or 'smollm2-1
 
 
 def add_model_options(parser: argparse.ArgumentParser, model_required: bool = True, model_help: str = MODEL_HELP,
-                      quantize: bool = True, dtype_note: str = "") -> None:
-    """dtype_note: what --dtype also governs in this command (appended to its help)."""
+                      quantize: bool = True, dtype_note: str = "", several_models: bool = False) -> None:
+    """dtype_note: what --dtype also governs in this command (appended to its help); several_models: --model may be
+    repeated (a list, e.g. eval's suite comparing models)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=model_required, help=model_help)
+    if several_models:
+        g.add_argument("--model", action="append", required=model_required, metavar="M", help=model_help)
+    else:
+        g.add_argument("--model", required=model_required, help=model_help)
     g.add_argument("--dtype", default="auto", help=DTYPE_HELP + (f"; {dtype_note}" if dtype_note else ""))
     if quantize:
         g.add_argument("--quantize", choices=["int8", "int4"],

@@ -46,7 +46,7 @@ import json
 import sys
 from pathlib import Path
 
-from smolvlm.cli.options import DTYPE_HELP
+from smolvlm.cli.options import MODEL_HELP, add_model_options
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.options import EvalOptions
 from smolvlm.eval.predict import MAX_NEW_TOKENS
@@ -133,8 +133,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "--suite shapes runs the five shapes tasks for each --model and prints the benchmark table "
                     "(params, VQA acc, caption CIDEr, R@1, GQA-style acc, NLVR2-style acc) and the efficiency "
                     "table (samples/s, peak memory) as Markdown, or JSON with --json.")
-    p.add_argument("--model", action="append", required=True, metavar="M",
-                   help="checkpoint folder, .gguf, hub id or packaged name; repeat with --suite to compare models")
+    add_model_options(p, several_models=True,
+                      model_help=MODEL_HELP + "; repeat with --suite to compare models")
     p.add_argument("--task", choices=TASKS, help="the benchmark to run")
     p.add_argument("--suite", choices=("shapes",), help="run every shapes task and print the tables")
     p.add_argument("--data", help="the benchmark's files (see docs/eval.md); shapes tasks: optional export folder")
@@ -151,9 +151,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="shapes world seed for generated data (default 0)")
     p.add_argument("--world", metavar="JSON", help="shapes world fields for generated data, as the training config's "
                    "data.world (e.g. '{\"question_types\": [\"color\", \"count\"]}'; default: the default world)")
-    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the decoder at load")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--meteor", action="store_true", help="also METEOR for captions (needs Java + pycocoevalcap)")
     p.add_argument("--retrieval-scoring", choices=("auto", "logprob", "contrastive"), default="auto",
                    help="retrieval: caption log-probability, or the cosine of contrastive embeddings (auto, the "

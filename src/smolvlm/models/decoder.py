@@ -9,6 +9,11 @@ Decoder built with `cross_attention_every` k has a gated cross-attention block b
 
 Module names follow Hugging Face's `LlamaModel`, so the state dict maps 1:1 onto `model.text_model.*`
 of a SmolVLM checkpoint (or `model.*` of a SmolLM2 one).
+
+Masks, one name each: `attention_mask` (B, T) is the processor's 1/0 per prompt token (Hugging Face's name, at the
+VLM's interface); `key_mask` (B, S) marks which of the S positions the keys cover (cache included) are real, i.e.
+the attention_mask grown by every generated token; `attn_mask` (B, 1, T, S) bool is what SDPA takes (True = may
+attend), built from key_mask and causality by build_attention_mask.
 """
 
 from dataclasses import dataclass
