@@ -13,7 +13,8 @@ import torch
 from reference import make_hf_smolvlm
 from smolvlm.special_tokens import smolvlm_added_tokens
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"  # sources and licences: fixtures/README.md
+REPO = Path(__file__).resolve().parent.parent  # the clone: tests read nothing outside it
+FIXTURES = REPO / "tests" / "fixtures"  # sources and licences: fixtures/README.md
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # What provides each reference, as `require` names it when one is missing.

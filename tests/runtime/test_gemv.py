@@ -115,3 +115,22 @@ def test_each_level_builds_with_only_its_flags():
         assert ("-mavx512bf16" in flags) == (level == "avx512_bf16")
         assert ("-mavx2" in flags) == (level != "generic")
         assert kernels.module_name(level) == f"smolvlm_kernels_{level}"
+
+
+def test_aten_int4_kind_matches_the_portable_one():
+    """Kind 3 (ATen's int4 layout, bf16 activations where bf16 is native) gives kind 2's product; bad inputs fail."""
+    from smolvlm.runtime.quantize import aten_int4, aten_int4_applies
+
+    ext = kernels.extension()
+    g = torch.Generator().manual_seed(7)
+    (_, packed, sz, group), w = weights("int4", 64, 128, torch.bfloat16, 32, g)
+    if not aten_int4_applies(torch.bfloat16, sz):
+        pytest.skip(f"ATen's int4 kernel is used only with native bf16 (this CPU's level: {cpu.level()})")
+    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
+    a_packed, a_sz = aten_int4(packed, sz, {})
+    out = ext.project(x, 3, a_packed, a_sz, group)
+    exact = x.float() @ w.t()
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - exact).abs() <= exact.abs() * 2**-7 + 1e-2 * exact.abs().max()).all()
+    with pytest.raises(RuntimeError, match="ATen-packed int4 takes bfloat16 x"):
+        ext.project(x.float(), 3, a_packed, a_sz, group)

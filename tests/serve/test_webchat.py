@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import require
+from conftest import REPO, require
 from serve_harness import Server, png_bytes, user
 
 CHROMIUM = Path("/usr/bin/chromium")
-DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "webchat.png"
+DOCS_SCREENSHOT = REPO / "docs" / "webchat.png"
 QUESTION = "What is in this picture?"
 MAX_TOKENS = 24
 

@@ -12,6 +12,7 @@ weights' dtype). Projection kinds, and the weight dtypes each accepts with eithe
     1 int8   weight (N, K) int8, scale (N,) bf16 or float32                    (quantize.Int8Linear)
     2 int4   weight (N, K/2) uint8, even input in the low nibble; scale (N, K/g, 2) bf16 or float32 holding
              (scale, zero): W = (q - 8) * scale + zero                          (quantize.Int4Linear's sz)
+    3 int4   the same in ATen's layout, for bf16 activations with native bf16  (quantize.aten_int4)
 `ext.project(x, kind, weight, scale, group)` runs one of them by itself (x (B, K) -> (B, N) in x's dtype).
 
     step = for_decoder(model.text_model, model.lm_head)  # on a model runtime.prepare made fast; None where
@@ -31,11 +32,15 @@ from smolvlm.runtime import kernels
 ACT_DTYPES = (torch.bfloat16, torch.float32)  # the step's activation dtypes (and a dense weight's)
 
 
-def _projection(m) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
-    """(kind, weight, scale, group size) of a projection the C++ step can run, else None."""
-    from smolvlm.runtime.quantize import Fused, Int4Linear, Int8Linear
+def _projection(m, act_dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
+    """(kind, weight, scale, group size) of a projection the C++ step can run, else None. int4 with bf16
+    activations on a CPU with native bf16 is kind 3, ATen's layout of the same weights (its kernel is faster there)."""
+    from smolvlm.runtime.quantize import Fused, Int4Linear, Int8Linear, aten_int4, aten_int4_applies
 
     empty = torch.empty(0)
+    int4 = isinstance(m, Int4Linear) or (isinstance(m, Fused) and m.kind == "int4")
+    if int4 and aten_int4_applies(act_dtype, m.sz):
+        return 3, *aten_int4(m.weight, m.sz, m.derived), m.group_size
     if isinstance(m, Fused):
         if m.kind == "float":
             return (0, m.weight, empty, 0) if m.bias is None and m.weight.dtype in ACT_DTYPES else None
@@ -72,7 +77,7 @@ def _collect(decoder) -> tuple[list[list[torch.Tensor]], list[int], int] | None:
         fused_qkv, fused_gu = _fused(attn), _fused(mlp)
         if fused_qkv is None or fused_gu is None or not (fused_qkv.intact(attn) and fused_gu.intact(mlp)):
             return None
-        projs = [_projection(p) for p in (fused_qkv, attn.o_proj, fused_gu, mlp.down_proj)]
+        projs = [_projection(p, dtype) for p in (fused_qkv, attn.o_proj, fused_gu, mlp.down_proj)]
         if any(p is None for p in projs):
             return None
         layer = [block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()]
@@ -81,7 +86,7 @@ def _collect(decoder) -> tuple[list[list[torch.Tensor]], list[int], int] | None:
         for kind, weight, scale, group in projs:
             layer += [weight.detach(), scale.detach()]
             kinds.append(kind)
-            if kind == 2:
+            if kind in (2, 3):
                 groups.add(group)
         tensors.append(layer)
     if len(groups) > 1:
@@ -107,7 +112,8 @@ class DecodeStep:
         self.step = ext.DecodeStep(tensors, kinds, group_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    cfg.rms_norm_eps)
         self.lm_head = lm_head
-        self.head = _projection(lm_head) if lm_head is not None else None  # None: lm_head runs as a module
+        # None: lm_head runs as a module
+        self.head = _projection(lm_head, decoder.norm.weight.dtype) if lm_head is not None else None
         self.pointers = _pointers(tensors) + _head_pointers(lm_head)
 
     def run(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, cos: torch.Tensor,

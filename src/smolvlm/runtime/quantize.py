@@ -136,6 +136,23 @@ def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor, group_size: int, dty
     return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(n, -1).to(dtype)
 
 
+def aten_int4_applies(act_dtype: torch.dtype, sz: torch.Tensor) -> bool:
+    """ATen's int4 kernel for these activations: bf16 ones on a CPU with native bf16, and scales it holds exactly."""
+    return act_dtype == torch.bfloat16 and sz.dtype == torch.bfloat16 and cpu.native_bf16()
+
+
+def aten_int4(packed: torch.Tensor, sz: torch.Tensor, derived: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 weights in ATen's layout (packed (N, K/2) uint8, scales and zeros (K/g, N, 2) bf16), the same values
+    as pack_int4's nibbles and (scale, zero): made once and kept in `derived` (the owner's attribute) while the stored
+    tensors stay where they are."""
+    key = (packed.data_ptr(), sz.data_ptr(), sz.dtype)
+    if derived.get("key") != key:
+        derived["key"] = key
+        derived["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 2)
+        derived["sz"] = sz.transpose(0, 1).to(torch.bfloat16).contiguous()
+    return derived["packed"], derived["sz"]
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int, dtype: torch.dtype,
                 derived: dict | None = None) -> torch.Tensor:
     """x (..., K) @ W^T in `dtype` (the activation dtype) for W stored as pack_int4 nibbles and (scale, zero).
@@ -143,18 +160,13 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_s
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(dtype)
     ext = _kernel(x2.shape[0])
-    if ext is not None:
+    if derived is not None and aten_int4_applies(dtype, sz):
+        # bf16 with native bf16: ATen's int4 kernel streams the weights faster than ours at a few rows and beats
+        # dequantizing at many, but wants its own layout, derived once from the stored one
+        aten_packed, aten_sz = aten_int4(packed, sz, derived)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, aten_packed, group_size, aten_sz)
+    elif ext is not None:
         y = ext.project(x2, 2, packed, sz, group_size)
-    elif derived is not None and dtype == torch.bfloat16 and cpu.native_bf16():
-        # a bf16 prompt with native bf16: ATen's int4 kernel beats dequantizing (about 2x at 900 rows, measured)
-        # but wants its own layout, derived once from the stored one
-        key = (packed.data_ptr(), sz.data_ptr(), sz.dtype)
-        if derived.get("key") != key:
-            q = unpack_int4(packed).to(torch.int32)
-            derived["key"] = key
-            derived["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-            derived["sz"] = sz.transpose(0, 1).to(dtype).contiguous()  # (K/g, N, 2)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, derived["packed"], group_size, derived["sz"])
     else:  # elsewhere (float32: ATen's int4 kernel is far slower there) one dequantized copy per call
         y = F.linear(x2, dequantize_int4(packed, sz, group_size, dtype))
     return y.view(*shape[:-1], packed.shape[0])
@@ -178,6 +190,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_scale", scale)  # (N, K/g) in the activation dtype
         self.register_buffer("weight_zero", zero)
         self.register_buffer("sz", _scales_for_kernel(scale, zero), persistent=False)
+        self.derived: dict = {}  # ATen's layout of the same weights (aten_int4), made on first use with bf16
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group_size: int = INT4_GROUP_SIZE) -> "Int4Linear":
@@ -193,8 +206,7 @@ class Int4Linear(nn.Module):
         return cls(pack_int4(q.reshape(n, k)), scale, zero, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.weight, self.sz, self.group_size, self.weight_scale.dtype,
-                           self.__dict__.setdefault("_derived", {}))
+        return int4_linear(x, self.weight, self.sz, self.group_size, self.weight_scale.dtype, self.derived)
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q uint8 (N, K) in [0, 15], scale (N, K/g), zero (N, K/g))."""
@@ -324,7 +336,7 @@ class Fused:
             sz_dtype = torch.float32 if any(m.sz.dtype == torch.float32 for m in mods) else torch.bfloat16
             self.sz = torch.cat([m.sz.to(sz_dtype) for m in mods])
             self.dtype = m0.weight_scale.dtype
-            self.derived: dict = {}  # int4_linear's copy in ATen's layout (bf16 prompts), made on first use
+            self.derived: dict = {}  # ATen's layout of the same weights (aten_int4), made on first use with bf16
             self.group_size = m0.group_size
             row = 0
             for m, n in zip(mods, self.sizes, strict=True):

@@ -77,7 +77,7 @@ inline T* data(const at::Tensor& t) {
 }
 
 // Projection storage kinds (gemv.cpp documents them).
-enum Kind : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2 };
+enum Kind : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2, kInt4Aten = 3 };
 
 // y (B, N) = x (B, K) @ W^T in x's dtype (bf16 or float32), W of `kind` (gemv.cpp).
 at::Tensor project(const at::Tensor& x, int64_t kind, const at::Tensor& weight, const at::Tensor& scale,

@@ -5,7 +5,10 @@
 //   1 int8   weight (N, K) int8                               scale (N,) bf16 or float32: W = q * scale[n]
 //   2 int4   weight (N, K/2) uint8, input 2j in the low       scale (N, K/g, 2) bf16 or float32, per group of g
 //            nibble of byte j, input 2j+1 in the high one     inputs (scale, zero): W = (q - 8) * scale + zero
-// x is (B, K) bf16 or float32; y comes back in x's dtype. Every kind works with either x dtype at every level.
+//   3 int4   the same values in ATen's packed layout (weight (N, K/2) uint8 from _convert_weight_to_int4pack_for_cpu,
+//   (ATen)   scale (K/g, N, 2) bf16): bf16 x only, through at::_weight_int4pack_mm_for_cpu; where bf16 is native
+//            its kernel streams int4 faster than ours (quantize.aten_int4 makes the layout, decode_step.py picks it)
+// x is (B, K) bf16 or float32; y comes back in x's dtype. Kinds 0-2 work with either x dtype at every level.
 //
 // Why: at a few rows a matmul only streams its weights from memory once, and ATen's kernels read them at about
 // half the memory's speed (its bf16 and int8 kernels) or cannot take the weights as stored (bf16 weights with
@@ -358,8 +361,15 @@ void check(const at::Tensor& x_in, int64_t kind, const at::Tensor& w, const at::
                       (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16),
                   "project: int4 scale must be (N, K/g, 2) float32 or bfloat16 (scale, zero)");
       break;
+    case kInt4Aten:
+      TORCH_CHECK(x_in.scalar_type() == at::kBFloat16, "project: ATen-packed int4 takes bfloat16 x");
+      TORCH_CHECK(w.scalar_type() == at::kByte && w.size(1) * 2 == K, "project: ATen int4 weight must be (N, K/2) uint8");
+      TORCH_CHECK(group_size > 0 && K % group_size == 0 && scale.dim() == 3 && scale.size(0) == K / group_size &&
+                      scale.size(1) == N && scale.size(2) == 2 && scale.scalar_type() == at::kBFloat16,
+                  "project: ATen int4 scale must be (K/g, N, 2) bfloat16");
+      break;
     default:
-      TORCH_CHECK(false, "project: unknown kind ", kind, " (0 dense, 1 int8, 2 int4)");
+      TORCH_CHECK(false, "project: unknown kind ", kind, " (0 dense, 1 int8, 2 int4, 3 ATen int4)");
   }
 }
 }  // namespace
@@ -368,6 +378,7 @@ at::Tensor project(const at::Tensor& x_in, int64_t kind, const at::Tensor& w, co
                    int64_t group_size) {
   check(x_in, kind, w, scale, group_size);
   const at::Tensor x = x_in.contiguous();
+  if (kind == kInt4Aten) return at::_weight_int4pack_mm_for_cpu(x, w, group_size, scale);
   if (x.size(0) > kMaxB) {
     if (kind == kInt8 && scale.scalar_type() == x.scalar_type()) return at::_weight_int8pack_mm(x, w, scale);
     if (kind == kDense && w.scalar_type() == x.scalar_type()) return at::linear(x, w);
@@ -393,6 +404,7 @@ at::Tensor project_generic(const at::Tensor& x_in, int64_t kind, const at::Tenso
   check(x_in, kind, w, scale, group_size);
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.size(0) <= kMaxB, "project_generic: x must be (B, K) with B <= 16");
+  TORCH_CHECK(kind != kInt4Aten, "project_generic: ATen-packed int4 has no plain C++ path");
   return stream_any<VG>(x, kind, w, scale, group_size);
 }
 
