@@ -10,23 +10,13 @@ Prints ms per layer (best of --iters) for each dtype and backend and the math/fl
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
+from cpu_limits import best_ms  # this folder's timing helper (a script's folder is on sys.path)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from smolvlm.runtime import cpu
-
-
-def best_ms(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
 
 
 def layer_ms(dtype: torch.dtype, backend: SDPBackend, shape: tuple, iters: int) -> float:

@@ -159,13 +159,12 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_s
     `derived`: the owner's cache of ATen's packed copy (below), made on first use and remade if W moves."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(dtype)
-    ext = _kernel(x2.shape[0])
     if derived is not None and aten_int4_applies(dtype, sz):
         # bf16 with native bf16: ATen's int4 kernel streams the weights faster than ours at a few rows and beats
         # dequantizing at many, but wants its own layout, derived once from the stored one
         aten_packed, aten_sz = aten_int4(packed, sz, derived)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, aten_packed, group_size, aten_sz)
-    elif ext is not None:
+    elif (ext := _kernel(x2.shape[0])) is not None:
         y = ext.project(x2, 2, packed, sz, group_size)
     else:  # elsewhere (float32: ATen's int4 kernel is far slower there) one dequantized copy per call
         y = F.linear(x2, dequantize_int4(packed, sz, group_size, dtype))
