@@ -27,6 +27,20 @@ INSTALL = {
 }
 
 
+def as_two_int8s(x: torch.Tensor) -> torch.Tensor:
+    """x (B, K) as csrc/gemv_q8.cpp holds it, in float32: per block of 32, v = x * (127 / max|x|), q1 = round(v),
+    q2 = round((v - q1) * 254) (half to even), x ~ (q1 + q2 / 254) * max|x| / 127."""
+    b, k = x.shape
+    blocks = x.float().view(b, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # 127 / amax as a true division (a Python number over a tensor is a reciprocal and a product: one rounding more)
+    v = blocks * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q1 = torch.round(v)
+    q2 = torch.round((v - q1) * 254.0)
+    assert q1.abs().max() <= 127 and q2.abs().max() <= 127
+    return ((q1.double() + q2.double() / 254) * (amax.double() / 127)).float().view(b, k)
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 

@@ -95,11 +95,13 @@ def test_float32_step_matches_eager_tokens_and_logits(monkeypatch, level, mode):
     eager, eager_tokens = decode(plain, prompt, mask, follow, greedy=True)
     fast, fast_tokens = decode(model, prompt, mask, follow, step, greedy=True)
     assert torch.equal(eager_tokens, fast_tokens)
-    assert (eager - fast).abs().max() < 1e-4 * eager.abs().max()  # float32 sums in another order only
     # and through the prepared model itself (FastDecoder runs the step for one-token calls)
     through_model, model_tokens = decode(model, prompt, mask, follow, greedy=True)
     assert torch.equal(eager_tokens, model_tokens)
-    assert (eager - through_model).abs().max() < 1e-4 * eager.abs().max()
+    for got in (fast, through_model):
+        # float32 sums in another order only (int8 / int4: x held as two int8s in both, csrc/gemv_q8.cpp: another
+        # order can move an input by one step of 1 / 32258 of its block's max)
+        assert (eager - got).abs().max() < 1e-4 * eager.abs().max()
 
 
 @pytest.mark.parametrize("level", cpu.LEVELS)

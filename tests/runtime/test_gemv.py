@@ -1,10 +1,12 @@
 """The C++ projections (csrc/gemv.cpp) at every ISA level this CPU can run: each weight kind (dense float32,
 dense bf16, int8, int4) with float32 and bf16 activations against a float32 PyTorch product of the dequantized
-weights (built here from the integers and scales, not by the kernels); the per-level modules (kernels.py)."""
+weights (built here from the integers and scales, not by the kernels); the 8-bit-activation kinds (csrc/gemv_q8.cpp)
+against the same sums built in PyTorch; the per-level modules (kernels.py)."""
 
 import pytest
 import torch
 
+from conftest import as_two_int8s
 from smolvlm.errors import SmolVLMError
 from smolvlm.runtime import cpu, kernels
 
@@ -74,6 +76,52 @@ def test_generic_and_level_paths_agree(level):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4 * b.abs().max().item()), kind
 
 
+Q8_SHAPES = [(1, 576, 40, 32), (3, 128, 7, 64), (16, 1536, 36, 32), (2, 64, 5, 32), (1, 96, 8, 32), (1, 72, 4, 6)]
+
+
+@pytest.mark.parametrize("level", cpu.LEVELS)
+@pytest.mark.parametrize("storage", ["int8", "int4"])
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["x_f32", "x_bf16"])
+def test_integer_activation_kinds_match_their_sums_built_in_pytorch(level, storage, act):
+    """Kinds 5 / 4: int8 / int4 storage times x held as two int8s per input (q1 + q2 / 254 steps of max|x| / 127
+    per block of 32; int4's zero points on the exact sums of x). Where K or the group does not fit (int4: K % 64,
+    g % 32; int8: K % 32) they are kinds 1 / 2 exactly. The level's vector code and the plain loops
+    (project_generic) give the same sums up to float order."""
+    ext = ext_at(level)
+    kind, base = (5, 1) if storage == "int8" else (4, 2)
+    for b, k, n, group in Q8_SHAPES:
+        for scale_dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(b * 1000 + k + n + group)
+            args, w = weights(storage, n, k, scale_dtype, group, g)
+            x = torch.randn(b, k, generator=g).to(act)
+            out = ext.project(x, kind, *args[1:])
+            assert out.dtype == act and out.shape == (b, n)
+            fits = k % 32 == 0 if storage == "int8" else k % 64 == 0 and group % 32 == 0
+            if not fits:
+                assert torch.equal(out, ext.project(x, base, *args[1:])), (b, k, n, group)
+                continue
+            xf = x.float()
+            if storage == "int8":
+                scaled = w  # the part of W that meets the integer x
+                sums = as_two_int8s(xf) @ w.t()
+            else:  # W = q * s + (z - 8 s): the q * s part on the rounded x, the rest on x itself
+                packed, sz = args[1], args[2].float()
+                q = torch.empty(n, k)
+                q[:, 0::2], q[:, 1::2] = (packed & 15).float(), (packed >> 4).float()
+                qs = (q.view(n, k // group, group) * sz[..., :1]).view(n, k)
+                rest = (sz[..., 1:] - 8 * sz[..., :1]).expand(n, k // group, group).reshape(n, k)
+                scaled = qs
+                sums = as_two_int8s(xf) @ qs.t() + xf @ rest.t()
+            tol = 1e-5 * (xf.abs() @ w.abs().t()) + (0 if act == torch.float32 else sums.abs() * 2**-8)
+            for got in (out, ext.project_generic(x, kind, *args[1:])):
+                bad = (got.float() - sums).abs() > tol
+                assert not bad.any(), (b, k, n, group, scale_dtype, (got.float() - sums).abs().max())
+            # and the rounding costs at most half a step of q2 per input: sum_k |W| d / 254 / 2
+            step = (xf.abs().view(b, k // 32, 32).amax(-1) / 127 / 254).repeat_interleave(32, -1)
+            bound = (step / 2) @ scaled.abs().t() + tol
+            assert ((out.float() - xf @ w.t()).abs() <= bound * 1.001).all()
+
+
 def test_bad_arguments_are_refused():
     ext = kernels.extension()
     x = torch.randn(1, 64)
@@ -83,6 +131,8 @@ def test_bad_arguments_are_refused():
         ext.project(x, 0, torch.zeros(8, 32), torch.empty(0), 0)
     with pytest.raises(RuntimeError, match="unknown kind"):
         ext.project(x, 7, torch.zeros(8, 64), torch.empty(0), 0)
+    with pytest.raises(RuntimeError, match="int8 weight must be"):
+        ext.project(x, 5, torch.zeros(8, 64), torch.ones(8), 0)
     with pytest.raises(RuntimeError, match="bfloat16 or float32"):
         ext.project(x.half(), 0, torch.zeros(8, 64), torch.empty(0), 0)
 

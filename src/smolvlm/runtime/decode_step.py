@@ -13,6 +13,8 @@ weights' dtype). Projection kinds, and the weight dtypes each accepts with eithe
     2 int4   weight (N, K/2) uint8, even input in the low nibble; scale (N, K/g, 2) bf16 or float32 holding
              (scale, zero): W = (q - 8) * scale + zero                          (quantize.Int4Linear's sz)
     3 int4   the same in ATen's layout, for bf16 activations with native bf16  (quantize.aten_int4)
+    4, 5     int4 / int8 storage times x held as two int8s per input (integer dot products), for float32 activations
+             (quantize.kernel_kind; csrc/gemv_q8.cpp)
 `ext.project(x, kind, weight, scale, group)` runs one of them by itself (x (B, K) -> (B, N) in x's dtype).
 
     step = for_decoder(model.text_model, model.lm_head)  # on a model runtime.prepare made fast; None where
@@ -35,7 +37,7 @@ ACT_DTYPES = (torch.bfloat16, torch.float32)  # the step's activation dtypes (an
 def _projection(m, act_dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
     """(kind, weight, scale, group size) of a projection the C++ step can run, else None. int4 with bf16
     activations on a CPU with native bf16 is kind 3, ATen's layout of the same weights (its kernel is faster there)."""
-    from smolvlm.runtime.quantize import Fused, Int4Linear, Int8Linear, aten_int4, aten_int4_applies
+    from smolvlm.runtime.quantize import Fused, Int4Linear, Int8Linear, aten_int4, aten_int4_applies, kernel_kind
 
     empty = torch.empty(0)
     int4 = isinstance(m, Int4Linear) or (isinstance(m, Fused) and m.kind == "int4")
@@ -45,14 +47,14 @@ def _projection(m, act_dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Ten
         if m.kind == "float":
             return (0, m.weight, empty, 0) if m.bias is None and m.weight.dtype in ACT_DTYPES else None
         if m.kind == "int8":
-            return 1, m.weight, m.scale, 0
-        return 2, m.weight, m.sz, m.group_size
+            return kernel_kind("int8", act_dtype), m.weight, m.scale, 0
+        return kernel_kind("int4", act_dtype), m.weight, m.sz, m.group_size
     if isinstance(m, nn.Linear):  # nn.Linear or runtime.modules.FastLinear
         return (0, m.weight, empty, 0) if m.bias is None and m.weight.dtype in ACT_DTYPES else None
     if isinstance(m, Int8Linear):
-        return 1, m.weight, m.weight_scale, 0
+        return kernel_kind("int8", act_dtype), m.weight, m.weight_scale, 0
     if isinstance(m, Int4Linear):
-        return 2, m.weight, m.sz, m.group_size
+        return kernel_kind("int4", act_dtype), m.weight, m.sz, m.group_size
     return None
 
 
@@ -86,7 +88,7 @@ def _collect(decoder) -> tuple[list[list[torch.Tensor]], list[int], int] | None:
         for kind, weight, scale, group in projs:
             layer += [weight.detach(), scale.detach()]
             kinds.append(kind)
-            if kind in (2, 3):
+            if kind in (2, 3, 4):  # the int4 kinds
                 groups.add(group)
         tensors.append(layer)
     if len(groups) > 1:

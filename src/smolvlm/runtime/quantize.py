@@ -12,7 +12,9 @@ the fly; more rows (a prompt) through ATen's int8 kernel, or for int4 ATen's int
 layout (bf16 with native bf16 only, derived on first use) or else the weight dequantized to the activation dtype
 and F.linear. Decoding one token reads every weight once,
 so on a CPU its cost is the bytes read: int8 halves them, int4 (with its scales) makes them ~5/16.
-Activations stay in the model's dtype (weight-only quantization).
+Activations stay in the model's dtype; with float32 activations (CPUs without native bf16) the few-row products
+hold x as two int8s per input (~16 bits per block of 32) and use integer dot products (csrc/gemv_q8.cpp, kinds 4
+and 5), because converting each weight to float costs more there than reading it.
 
 Fusion: q/k/v (and gate/up) read the same input, so one matmul over their concatenated rows replaces
 three (two) calls. The fused weight owns the storage and each projection's weight becomes a view of its
@@ -97,13 +99,21 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def kernel_kind(storage: str, act_dtype: torch.dtype) -> int:
+    """The C++ projection kind for "int8" / "int4" storage (csrc/gemv.cpp): with float32 activations x is held as
+    two int8s per input (~16 bits per block of 32) for integer dot products (kinds 5 / 4), else the weights are
+    converted to x's dtype (1 / 2)."""
+    q8 = act_dtype == torch.float32
+    return (5 if q8 else 1) if storage == "int8" else (4 if q8 else 2)
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ (weight * scale)^T in scale's dtype (the activation dtype)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(scale.dtype)  # the kernels take 2-D input only
     ext = _kernel(x2.shape[0])
     if ext is not None:
-        y = ext.project(x2, 1, weight, scale, 0)
+        y = ext.project(x2, kernel_kind("int8", scale.dtype), weight, scale, 0)
     else:
         y = torch.ops.aten._weight_int8pack_mm(x2, weight, scale)
     return y.view(*shape[:-1], weight.shape[0])
@@ -165,7 +175,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_s
         aten_packed, aten_sz = aten_int4(packed, sz, derived)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, aten_packed, group_size, aten_sz)
     elif (ext := _kernel(x2.shape[0])) is not None:
-        y = ext.project(x2, 2, packed, sz, group_size)
+        y = ext.project(x2, kernel_kind("int4", dtype), packed, sz, group_size)
     else:  # elsewhere (float32: ATen's int4 kernel is far slower there) one dequantized copy per call
         y = F.linear(x2, dequantize_int4(packed, sz, group_size, dtype))
     return y.view(*shape[:-1], packed.shape[0])

@@ -76,11 +76,16 @@ inline T* data(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-// Projection storage kinds (gemv.cpp documents them).
-enum Kind : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2, kInt4Aten = 3 };
+// Projection kinds (gemv.cpp documents them; 4 and 5: gemv_q8.cpp).
+enum Kind : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2, kInt4Aten = 3, kInt4Q8 = 4, kInt8Q8 = 5 };
 
 // y (B, N) = x (B, K) @ W^T in x's dtype (bf16 or float32), W of `kind` (gemv.cpp).
 at::Tensor project(const at::Tensor& x, int64_t kind, const at::Tensor& weight, const at::Tensor& scale,
                    int64_t group_size);
+
+// kinds 4 / 5 (gemv_q8.cpp): whether x's K and the group size let them run, and the product itself
+bool q8_applies(const at::Tensor& x, int64_t kind, int64_t group_size);
+at::Tensor project_q8(const at::Tensor& x, int64_t kind, const at::Tensor& w, const at::Tensor& scale,
+                      int64_t group_size, bool plain);
 
 }  // namespace smolvlm

@@ -13,6 +13,7 @@
 //   0 dense  weight (N, K) bf16 or float32 (a float32 model may keep bf16 weights: converted on the fly)
 //   1 int8   weight (N, K) int8, scale (N,) bf16 / float32
 //   2 int4   weight (N, K/2) uint8 (two inputs per byte, even one low), scale (N, K/g, 2) bf16 / float32
+//   3 int4 in ATen's layout (bf16 only), 4 / 5: int4 / int8 storage times x rounded to 8 bits (gemv_q8.cpp)
 //
 // Per layer:  h = rmsnorm(x)  ->  qkv = h Wqkv  ->  RoPE(q, k); k, v into the cache at `pos`
 //             ->  attention of q over cache[0..pos]  ->  x += y Wo

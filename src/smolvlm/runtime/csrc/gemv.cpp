@@ -8,6 +8,8 @@
 //   3 int4   the same values in ATen's packed layout (weight (N, K/2) uint8 from _convert_weight_to_int4pack_for_cpu,
 //   (ATen)   scale (K/g, N, 2) bf16): bf16 x only, through at::_weight_int4pack_mm_for_cpu; where bf16 is native
 //            its kernel streams int4 faster than ours (quantize.aten_int4 makes the layout, decode_step.py picks it)
+//   4 int4, 5 int8: kinds 2 / 1's storage times x held as two int8s per input, integer dot products
+//            (gemv_q8.cpp; quantize.kernel_kind picks them for float32 activations)
 // x is (B, K) bf16 or float32; y comes back in x's dtype. Kinds 0-2 work with either x dtype at every level.
 //
 // Why: at a few rows a matmul only streams its weights from memory once, and ATen's kernels read them at about
@@ -347,12 +349,14 @@ void check(const at::Tensor& x_in, int64_t kind, const at::Tensor& w, const at::
       TORCH_CHECK(w.size(1) == K, "project: weight (N, K) does not match x (B, K)");
       break;
     case kInt8:
+    case kInt8Q8:
       TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K, "project: int8 weight must be (N, K) int8");
       TORCH_CHECK(scale.numel() == N && scale.is_contiguous() &&
                       (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16),
                   "project: int8 scale must be (N,) float32 or bfloat16");
       break;
     case kInt4:
+    case kInt4Q8:
       TORCH_CHECK(w.scalar_type() == at::kByte && w.size(1) * 2 == K, "project: int4 weight must be (N, K/2) uint8");
       TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0,
                   "project: int4 group size must be even and divide K");
@@ -369,7 +373,7 @@ void check(const at::Tensor& x_in, int64_t kind, const at::Tensor& w, const at::
                   "project: ATen int4 scale must be (K/g, N, 2) bfloat16");
       break;
     default:
-      TORCH_CHECK(false, "project: unknown kind ", kind, " (0 dense, 1 int8, 2 int4, 3 ATen int4)");
+      TORCH_CHECK(false, "project: unknown kind ", kind, " (0 dense, 1 int8, 2 int4, 3 ATen int4, 4 int4 x int8s, 5 int8 x int8s)");
   }
 }
 }  // namespace
@@ -379,6 +383,10 @@ at::Tensor project(const at::Tensor& x_in, int64_t kind, const at::Tensor& w, co
   check(x_in, kind, w, scale, group_size);
   const at::Tensor x = x_in.contiguous();
   if (kind == kInt4Aten) return at::_weight_int4pack_mm_for_cpu(x, w, group_size, scale);
+  if (kind == kInt4Q8 || kind == kInt8Q8) {
+    if (x.size(0) <= kMaxB && q8_applies(x, kind, group_size)) return project_q8(x, kind, w, scale, group_size, false);
+    kind = kind == kInt4Q8 ? kInt4 : kInt8;  // the shapes it cannot take: the float path of the same storage
+  }
   if (x.size(0) > kMaxB) {
     if (kind == kInt8 && scale.scalar_type() == x.scalar_type()) return at::_weight_int8pack_mm(x, w, scale);
     if (kind == kDense && w.scalar_type() == x.scalar_type()) return at::linear(x, w);
@@ -405,6 +413,10 @@ at::Tensor project_generic(const at::Tensor& x_in, int64_t kind, const at::Tenso
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.size(0) <= kMaxB, "project_generic: x must be (B, K) with B <= 16");
   TORCH_CHECK(kind != kInt4Aten, "project_generic: ATen-packed int4 has no plain C++ path");
+  if (kind == kInt4Q8 || kind == kInt8Q8) {
+    if (q8_applies(x, kind, group_size)) return project_q8(x, kind, w, scale, group_size, true);
+    kind = kind == kInt4Q8 ? kInt4 : kInt8;
+  }
   return stream_any<VG>(x, kind, w, scale, group_size);
 }
 
