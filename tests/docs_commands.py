@@ -311,6 +311,8 @@ RULES: list[Rule] = [
     Rule(r"smolvlm doctor --json$", "the CPU report as JSON", check=json_has("level", "dtype_auto", "kernels")),
     Rule(r"\.venv/bin/python benchmarks/quant_quality\.py$", "the real SmolLM2-135M", needs=SMOLLM2,
          append="--json", check=json_out, timeout=400),
+    Rule(r"\.venv/bin/python benchmarks/quant_quality\.py --steps \d+$", "the real SmolLM2-135M, 20 steps",
+         subs=((r"--steps \d+", "--steps 20"),), needs=SMOLLM2, append="--json", check=json_out, timeout=400),
     Rule(r"\.venv/bin/python benchmarks/load_serve\.py\b", "2 clients x 1 request, 1 round",
          append="--clients 2 --requests 1 --rounds 1 --max-tokens 2", needs=SMOLLM2),
 ]
