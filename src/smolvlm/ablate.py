@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from smolvlm.cli.options import DTYPE_HELP
+from smolvlm.cli.options import add_model_options
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.options import EvalOptions
 
@@ -299,9 +299,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, metavar="N", help="examples per eval task (default: smolvlm eval's)")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="eval prompts per batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="shapes world seed of the eval data (default 0)")
-    p.add_argument("--dtype", default="auto", help="eval and decode dtype: " + DTYPE_HELP)
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="torch threads for training and eval (default: the preset's / torch's)")
+    add_model_options(p, model=False, quantize=False, dtype_note="the variants' evaluation and decoding (training "
+                      "follows the preset's bf16 setting)", threads_note="training too (default there: the preset's)")
     p.add_argument("--json", action="store_true", help="print ablations.json instead of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ablate)

@@ -14,19 +14,22 @@ MODEL_HELP = ("checkpoint folder, .gguf file, hub id (owner/name), or 'smollm2-1
 
 
 def add_model_options(parser: argparse.ArgumentParser, model_required: bool = True, model_help: str = MODEL_HELP,
-                      quantize: bool = True, dtype_note: str = "", several_models: bool = False) -> None:
-    """dtype_note: what --dtype also governs in this command (appended to its help); several_models: --model may be
-    repeated (a list, e.g. eval's suite comparing models)."""
+                      quantize: bool = True, dtype_note: str = "", several_models: bool = False, model: bool = True,
+                      threads_note: str = "") -> None:
+    """dtype_note / threads_note: what --dtype / --threads also govern in this command (appended to their help);
+    several_models: --model may be repeated (a list, e.g. eval's suite comparing models); model=False: no --model
+    (a command that makes its own models, e.g. ablate)."""
     g = parser.add_argument_group("model")
-    if several_models:
+    if model and several_models:
         g.add_argument("--model", action="append", required=model_required, metavar="M", help=model_help)
-    else:
+    elif model:
         g.add_argument("--model", required=model_required, help=model_help)
     g.add_argument("--dtype", default="auto", help=DTYPE_HELP + (f"; {dtype_note}" if dtype_note else ""))
     if quantize:
         g.add_argument("--quantize", choices=["int8", "int4"],
                        help="weight-only quantization of the decoder at load (faster decoding; docs/speed.md)")
-    g.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
+    g.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch threads (default: torch's)" + (f"; {threads_note}" if threads_note else ""))
 
 
 def load_for_inference(model: str, dtype: str = "auto", quantize: str | None = None, threads: int = 0):
