@@ -239,6 +239,7 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
              force: bool = False, progress: bool = True, minutes: float = DEMO_MINUTES) -> dict:
     from smolvlm.cli.options import load_for_inference
     from smolvlm.data.shapes import ShapesWorld, WorldConfig
+    from smolvlm.runtime import kernels
     from smolvlm.train import Stage, resolve_config, train
 
     t_start = time.time()
@@ -261,6 +262,9 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     # fewer; a fast one trains exactly the preset's, so its figures repeat from run to run. A config with its
     # own max_minutes budgets itself.
     budgeted = minutes > 0 and cfg.max_minutes == 0
+    # the C++ kernels the evaluations use, loaded now: a first build (or a rebuild after a change) is then said up
+    # front and kept out of the baseline's evaluation, whose time budgets the model's own
+    kernels.extension()
     plan = StepPlan(cfg.total_steps, blind_steps if blind_steps is not None else
                     default_blind_steps(cfg.total_steps), cfg.total_steps, 0.0)
     if budgeted:

@@ -23,3 +23,20 @@ def test_each_level_is_its_own_module_built_without_march_native():
         assert "-march=native" not in kernels.COMMON_FLAGS + kernels.LEVEL_FLAGS[level]
     assert kernels.LEVEL_FLAGS["generic"] == []
     assert "-mavx512bf16" in kernels.LEVEL_FLAGS["avx512_bf16"] and "-mavx512f" not in kernels.LEVEL_FLAGS["avx2"]
+
+
+def test_a_build_of_other_sources_is_announced_before_torch_rebuilds_it():
+    """torch rebuilds silently (about a minute) when a source changed since the build; the stamp beside the build
+    lets extension() say so first. An up-to-date build loads without a word."""
+    level = cpu.level()
+    kernels.extension(level)
+    stamp = kernels.stamp_file(level)
+    assert stamp.read_text().strip() == kernels.sources_digest(level)
+    code = f"from smolvlm.runtime import kernels; assert kernels.extension({level!r}) is not None"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiling" not in r.stderr, r.stderr
+    stamp.write_text("a build of other sources\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"the C++ kernels for {level} may be out of date" in r.stderr
+    assert stamp.read_text().strip() == kernels.sources_digest(level)  # stamped again once loaded

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,19 @@ _ERRORS: dict[str, str] = {}  # level -> why it could not be built
 
 def sources() -> list[str]:
     return [str(p) for p in sorted(CSRC.glob("*.cpp"))]
+
+
+def sources_digest(level: str) -> str:
+    """A hash of what a build of `level` is made from (the sources, the headers, the flags): torch rebuilds when
+    these change, and a stamp of this beside the build tells ahead of time that it will (so the user is told)."""
+    h = hashlib.sha256(" ".join(COMMON_FLAGS + LEVEL_FLAGS[level]).encode())
+    for path in sorted(CSRC.glob("*")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def stamp_file(level: str) -> Path:
+    return build_dir(level) / "smolvlm-sources.sha256"
 
 
 def module_name(level: str) -> str:
@@ -76,13 +90,18 @@ def extension(level: str | None = None):
         from torch.utils import cpp_extension
 
         name = module_name(level)
+        digest, stamp = sources_digest(level), stamp_file(level)
         if not any(build_dir(level).glob("*.so")):
             print(f"smolvlm: compiling the C++ kernels for {level} (once, about a minute)...", file=sys.stderr)
+        elif not stamp.exists() or stamp.read_text().strip() != digest:  # torch rebuilds a build of other sources
+            print(f"smolvlm: the C++ kernels for {level} may be out of date: compiling them again if so (about a "
+                  "minute)...", file=sys.stderr)
         try:
             with build_lock(level):
                 _MODULES[level] = cpp_extension.load(name=name, sources=sources(),
                                                      extra_cflags=COMMON_FLAGS + LEVEL_FLAGS[level],
                                                      extra_ldflags=["-fopenmp"], verbose=False)
+                stamp.write_text(digest + "\n")
         except (OSError, RuntimeError, ImportError, SystemExit, subprocess.SubprocessError) as e:  # no compiler
             _ERRORS[level] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             print(f"smolvlm: the C++ kernels could not be built ({_ERRORS[level]}); "
