@@ -5,7 +5,8 @@ from train_harness import losses
 
 from smolvlm.io import load
 from smolvlm.train import Stage, budget_plan, checkpoint_paths, resolve_config, stage_at, train
-from smolvlm.train.loop import UNPLANNED, make_schedule
+from smolvlm.train.distributed import Dist
+from smolvlm.train.loop import REPLAN_STEPS, UNPLANNED, Budget, check_budget, make_schedule
 
 
 def test_loss_falls_and_model_loads(base_run):
@@ -39,6 +40,11 @@ def test_schedule_of_stages_and_time_budgets():
     # budget_may_extend=false (the demo): the budget shortens the stages but never lengthens them
     assert [s.steps for s in budget_plan(stages, 12, 0.5, 44.0, may_extend=False)] == [30, 10]
     assert [s.steps for s in budget_plan(stages, 12, 0.5, 8.0, may_extend=False)] == [21, 7]
+    # a re-plan keeps the stages already finished and shares what is left among the rest, never ending before now
+    plan = [Stage(name="a", steps=75, warmup_steps=5), Stage(name="b", steps=25, warmup_steps=2)]
+    assert [s.steps for s in budget_plan(stages, 80, 0.5, 5.0, current=plan)] == [75, 15]
+    assert [s.steps for s in budget_plan(stages, 80, 0.5, 0.0, current=plan)] == [75, 5]  # time is up: ends now
+    assert [s.steps for s in budget_plan(stages, 50, 0.5, 10.0, current=plan)] == [52, 18]
 
     cfg = resolve_config("test-tiny", None, ["stages.0.steps=30"])
     plain = make_schedule(cfg, None, max_steps=None)
@@ -53,3 +59,20 @@ def test_schedule_of_stages_and_time_budgets():
     assert capped.total == capped.length == 30 and not capped.planned
     resumed = make_schedule(budgeted, {"planned_steps": [55]}, max_steps=None)
     assert resumed.planned and resumed.total == 55 and resumed.stages[0].steps == 55
+
+
+def test_a_budgeted_run_whose_steps_slow_down_shortens_its_plan_and_ends_by_it():
+    """Steps at 0.2 s while the plan is made, then 0.3 s (the demo's curriculum, then full-length sequences): the
+    re-plans shrink the schedule so it ends by its own length, learning rate decayed, within the budget."""
+    cfg = resolve_config("test-tiny", None, ["stages.0.steps=1800", "max_minutes=6", "budget_may_extend=false"])
+    schedule = make_schedule(cfg, None, max_steps=None)
+    budget, seconds, done = Budget(cfg.max_minutes * 60), 0.0, 0
+    while done < schedule.total:
+        done += 1
+        seconds += 0.2 if done <= 300 else 0.3
+        check_budget(budget, schedule, cfg, Dist(), done, seconds, None)
+        if done == 20:
+            assert schedule.total == 1800  # planned on 0.2 s steps: the configured 1800 fit (360 s at 0.2 s)
+    assert not budget.spent and schedule.total == schedule.length == done
+    assert 1250 < done < 1300 and seconds <= 360  # 300 at 0.2 s and the rest at 0.3 s fill the 6 minutes
+    assert REPLAN_STEPS <= 300

@@ -61,20 +61,30 @@ def stage_at(stages: list[Stage], step: int) -> tuple[int, int]:
 # the schedule and the time budget
 
 # A run with a time budget times these steps (after the first, which pays one-off costs) and then plans
-# its schedule: the stages are rescaled to the steps the rest of the budget buys at that speed.
+# its schedule: the stages are rescaled to the steps the rest of the budget buys at that speed. It plans again
+# every REPLAN_STEPS steps from the speed of the last ones, so steps that get slower (a curriculum's short first
+# sequences, a busier machine) shorten the schedule, which then still ends with its learning rate decayed, instead of
+# the clock cutting it.
 BUDGET_PROBE_STEPS = 8
+REPLAN_STEPS = 100
 UNPLANNED = 10**9  # the step count of a budgeted run until its plan is made (it ends by the clock or the plan)
 
 
 def budget_plan(stages: list[Stage], steps_done: int, seconds_per_step: float, seconds_left: float,
-                may_extend: bool = True) -> list[Stage]:
+                may_extend: bool = True, current: list[Stage] | None = None) -> list[Stage]:
     """The stages rescaled (same proportions and warmups) to steps_done + the steps seconds_left buys; with
-    may_extend false, the configured stages themselves when the budget buys at least as many."""
+    may_extend false, never past the configured stages' total. current: the plan being followed (a re-plan), whose
+    stages finished by steps_done stay as they were while the rest share what is left."""
     target = steps_done + int(seconds_left / max(seconds_per_step, 1e-9))
-    if not may_extend and target >= sum(s.steps for s in stages):
-        return list(stages)
-    scale = target / sum(s.steps for s in stages)
-    return [dataclasses.replace(s, steps=max(s.warmup_steps + 1, round(s.steps * scale))) for s in stages]
+    if not may_extend:
+        target = min(target, sum(s.steps for s in stages))
+    current = current or stages
+    i, _ = stage_at(current, steps_done)
+    head = sum(s.steps for s in current[:i])  # the finished stages' steps
+    scale = max(0, target - head) / sum(s.steps for s in stages[i:])
+    rest = [dataclasses.replace(s, steps=max(s.warmup_steps + 1, round(s.steps * scale))) for s in stages[i:]]
+    rest[0] = dataclasses.replace(rest[0], steps=max(rest[0].steps, steps_done - head))  # never before now
+    return list(current[:i]) + rest
 
 
 @dataclass
@@ -128,24 +138,26 @@ class Budget:
     """A run's wall-clock budget (max_minutes; 0 = none) and what this session measured against it."""
 
     seconds: float
-    probe_from: tuple[int, float] | None = None  # (step, training seconds) after this session's first step
+    timed_from: tuple[int, float] | None = None  # (step, training seconds) where the speed is measured from
     spent: bool = False  # the time ran out before the schedule's end
 
 
 def check_budget(budget: Budget, schedule: Schedule, cfg: TrainConfig, dist: Dist, done: int, train_seconds: float,
                  bar) -> float:
-    """After step `done`: plan the schedule once BUDGET_PROBE_STEPS steps are timed, end the session here when the
-    time is up. Returns the training time by rank 0's clock, so every process decides alike."""
+    """After step `done`: plan the schedule once BUDGET_PROBE_STEPS steps are timed and again every REPLAN_STEPS
+    steps, end the session here when the time is up. Returns the training time by rank 0's clock, so every process
+    decides alike."""
     clock = dist.all_reduce(torch.tensor([train_seconds if dist.main else 0.0], dtype=torch.float64))
     train_seconds = clock.item()
-    if budget.probe_from is None:
-        budget.probe_from = (done, train_seconds)
-    elif not schedule.planned and done - budget.probe_from[0] >= BUDGET_PROBE_STEPS:
-        per_step = (train_seconds - budget.probe_from[1]) / (done - budget.probe_from[0])
+    if budget.timed_from is None:  # this session's first step (it pays one-off costs): time from here
+        budget.timed_from = (done, train_seconds)
+    elif done - budget.timed_from[0] >= (REPLAN_STEPS if schedule.planned else BUDGET_PROBE_STEPS):
+        per_step = (train_seconds - budget.timed_from[1]) / (done - budget.timed_from[0])
         schedule.stages = budget_plan(cfg.stages, done, per_step, budget.seconds - train_seconds,
-                                      cfg.budget_may_extend)
+                                      cfg.budget_may_extend, schedule.stages if schedule.planned else None)
         schedule.planned = True
         schedule.stop_at(max(done, schedule.length))
+        budget.timed_from = (done, train_seconds)
         if bar is not None:
             bar.total = schedule.total
             bar.refresh()
