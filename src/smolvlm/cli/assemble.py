@@ -29,6 +29,7 @@ def add_parser(subparsers) -> None:
     a.add_argument("--decoder", required=True, help="decoder: folder, .gguf, hub id or packaged name")
     a.add_argument("--out", required=True, help="output checkpoint folder")
     a.add_argument("--scale-factor", type=int, default=4, help="pixel-shuffle factor (default 4, as SmolVLM)")
-    a.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    a.add_argument("--dtype", default="float32", help="the dtype the checkpoint is saved in: float32 (default) or "
+                   "bfloat16 (not the compute dtype of the model-running commands)")
     a.add_argument("--seed", type=int, default=0, help="seed of the new weights' initialisation")
     a.set_defaults(func=cmd_assemble)
