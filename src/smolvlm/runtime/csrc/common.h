@@ -71,6 +71,19 @@ struct Act<float> {
   static float st(float v) { return v; }
 };
 
+// one stored number (float32, bf16 bits, int8) as a float
+inline float scalar(float v) { return v; }
+inline float scalar(uint16_t v) { return bf16_to_float(v); }
+inline float scalar(int8_t v) { return static_cast<float>(v); }
+
+#if defined(SMOLVLM_AVX2)
+inline float hsum(__m256 a) {  // the sum of 8 floats
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 template <typename T>
 inline T* data(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());

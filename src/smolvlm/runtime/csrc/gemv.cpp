@@ -84,12 +84,7 @@ struct V8 {
     hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)));
   }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  static float sum(R a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  static float sum(R a) { return hsum(a); }
 };
 #endif
 
@@ -127,10 +122,6 @@ struct VG {
   static float to_float(uint16_t v) { return bf16_to_float(v); }
   static float to_float(int8_t v) { return static_cast<float>(v); }
 };
-
-inline float scalar(float v) { return v; }
-inline float scalar(uint16_t v) { return bf16_to_float(v); }
-inline float scalar(int8_t v) { return static_cast<float>(v); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // dense / int8: rows [n0, n0 + r) of W (row stride K) dotted with x (K floats) -> out[0..r)
@@ -373,7 +364,8 @@ void check(const at::Tensor& x_in, int64_t kind, const at::Tensor& w, const at::
                   "project: ATen int4 scale must be (K/g, N, 2) bfloat16");
       break;
     default:
-      TORCH_CHECK(false, "project: unknown kind ", kind, " (0 dense, 1 int8, 2 int4, 3 ATen int4, 4 int4 x int8s, 5 int8 x int8s)");
+      TORCH_CHECK(false, "project: unknown kind ", kind,
+                  " (0 dense, 1 int8, 2 int4, 3 ATen int4, 4 int4 x int8s, 5 int8 x int8s)");
   }
 }
 }  // namespace

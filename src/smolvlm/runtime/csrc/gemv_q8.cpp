@@ -32,15 +32,6 @@ namespace {
 
 constexpr int64_t kRows = 4, kBlock = 32;
 
-template <typename S>
-inline float ld(const S* p) {
-  if constexpr (std::is_same_v<S, float>) {
-    return *p;
-  } else {
-    return bf16_to_float(*p);
-  }
-}
-
 // x (B, K) per block: q1, q2 (B, K) int8 (int4 order: per 64 inputs, even then odd), d (B, K/32), and for int4
 // the exact float sums per weight group xs (B, K/g)
 struct Q8 {
@@ -48,7 +39,8 @@ struct Q8 {
   std::vector<float> d, xs;
 };
 
-constexpr float kFine = 254.f;  // q2's steps per step of q1
+constexpr int kFineSteps = 254;  // q2's steps per step of q1
+constexpr float kFine = kFineSteps;
 
 // one block of 32 -> q1, q2 (see the top); returns d. The AVX2 version gives the same bits.
 inline float quantize_block(const float* x, int8_t* q1, int8_t* q2) {
@@ -136,10 +128,10 @@ void int4_rows_plain(const uint8_t* w, const S* sz, int64_t K, int64_t g, int64_
           s2 += lo * q2[e] + hi * q2[o];
         }
         const int64_t blk = 2 * p + h;
-        y += static_cast<float>(254 * s1 + s2) * (ld(sz + (i * G + blk * kBlock / g) * 2) * dq[blk]);
+        y += static_cast<float>(kFineSteps * s1 + s2) * (scalar(sz[(i * G + blk * kBlock / g) * 2]) * dq[blk]);
       }
     for (int64_t grp = 0; grp < G; ++grp) {
-      const float s = ld(sz + (i * G + grp) * 2), z = ld(sz + (i * G + grp) * 2 + 1);
+      const float s = scalar(sz[(i * G + grp) * 2]), z = scalar(sz[(i * G + grp) * 2 + 1]);
       y += (z - 8.f * s) * xs[grp];
     }
     out[i] = y;
@@ -152,8 +144,9 @@ void int8_rows_plain(const int8_t* w, int64_t K, int64_t r, const int8_t* q1, co
     float y = 0.f;
     for (int64_t blk = 0; blk < K / kBlock; ++blk) {
       int32_t s1 = 0, s2 = 0;
-      for (int64_t k = blk * kBlock; k < (blk + 1) * kBlock; ++k) s1 += w[i * K + k] * q1[k], s2 += w[i * K + k] * q2[k];
-      y += static_cast<float>(254 * s1 + s2) * dq[blk];
+      for (int64_t k = blk * kBlock; k < (blk + 1) * kBlock; ++k)
+        s1 += w[i * K + k] * q1[k], s2 += w[i * K + k] * q2[k];
+      y += static_cast<float>(kFineSteps * s1 + s2) * dq[blk];
     }
     out[i] = y;
   }
@@ -169,12 +162,6 @@ constexpr int64_t kAhead = 4096;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kAhead, _MM_HINT_T0); }
 
-inline float hsum(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
 inline __m128 load4(const uint16_t* p) {  // 4 bf16 -> 4 floats
   return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16));
@@ -189,7 +176,8 @@ inline __m256i int4_dot(__m256i v, const __m256i* x1, const __m256i* x2) {
   const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
   const __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x1[0]), _mm256_maddubs_epi16(hi, x1[1]));
   const __m256i s2 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x2[0]), _mm256_maddubs_epi16(hi, x2[1]));
-  return _mm256_add_epi32(_mm256_madd_epi16(s1, _mm256_set1_epi16(254)), _mm256_madd_epi16(s2, _mm256_set1_epi16(1)));
+  return _mm256_add_epi32(_mm256_madd_epi16(s1, _mm256_set1_epi16(kFineSteps)),
+                          _mm256_madd_epi16(s2, _mm256_set1_epi16(1)));
 }
 
 // int4 rows with groups of 32: per block pair, (scale, zero) of both groups are 4 adjacent values s0 z0 s1 z1. dx:
@@ -236,13 +224,13 @@ void int4_rows_any(const uint8_t* w, const S* sz, int64_t K, int64_t g, int64_t 
       const __m256i x2[2] = {load32(q2 + 64 * p), load32(q2 + 64 * p + 32)};
       prefetch(wr + 32 * p);
       const __m256i s32 = int4_dot(load32(wr + 32 * p), x1, x2);
-      const float s0 = ld(sz + (i * G + 64 * p / g) * 2), s1 = ld(sz + (i * G + (64 * p + 32) / g) * 2);
+      const float s0 = scalar(sz[(i * G + 64 * p / g) * 2]), s1 = scalar(sz[(i * G + (64 * p + 32) / g) * 2]);
       const __m256 sw = _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(sw, _mm256_loadu_ps(dx + 8 * p)), acc);
     }
     float y = hsum(acc);
     for (int64_t grp = 0; grp < G; ++grp)
-      y += (ld(sz + (i * G + grp) * 2 + 1) - 8.f * ld(sz + (i * G + grp) * 2)) * xs[grp];
+      y += (scalar(sz[(i * G + grp) * 2 + 1]) - 8.f * scalar(sz[(i * G + grp) * 2])) * xs[grp];
     out[i] = y;
   }
 }
@@ -251,7 +239,7 @@ void int4_rows_any(const uint8_t* w, const S* sz, int64_t K, int64_t g, int64_t 
 // 254 (W.q1) + (W.q2), scaled by the block's d / 254
 template <int R>
 void int8_rows(const int8_t* w, int64_t K, const int8_t* q1, const int8_t* q2, const float* dq, float* out) {
-  const __m256i ones = _mm256_set1_epi16(1), fine = _mm256_set1_epi16(254);
+  const __m256i ones = _mm256_set1_epi16(1), fine = _mm256_set1_epi16(kFineSteps);
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t blk = 0; blk < K / kBlock; ++blk) {
@@ -329,7 +317,7 @@ at::Tensor run(const at::Tensor& x, int64_t kind, const at::Tensor& w, const at:
           else
 #endif
             int8_rows_plain(wn, K, r, q1, q2, db, out);
-          for (int64_t i = 0; i < r; ++i) out[i] *= ld(sp + n + i);
+          for (int64_t i = 0; i < r; ++i) out[i] *= scalar(sp[n + i]);
         }
         for (int64_t i = 0; i < r; ++i) yp[b * N + n + i] = Act<T>::st(out[i]);
       }
