@@ -22,7 +22,7 @@ import torch
 from smolvlm.io import load, save
 from smolvlm.models.decoder import KVCache
 from smolvlm.runtime.prepare import prepare
-from smolvlm.runtime.quantize import compare_logits, quantization_summary
+from smolvlm.runtime.quantize import compare_logits, logit_agreement, quantization_summary
 
 # Public-domain prose (Dickens, Austen, Lincoln, Melville, Darwin).
 TEXT = """It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of \
@@ -110,9 +110,7 @@ def stepwise(args) -> None:
         model, _ = load(args.model, "float32")
         prepare(model, mode)
         got = step_logits(model, ids)
-        rows[mode] = {"steps": ids.shape[1],
-                      "top1_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
-                      "logit_cosine": float(torch.nn.functional.cosine_similarity(got, expected, dim=-1).mean())}
+        rows[mode] = {"steps": ids.shape[1], **logit_agreement(expected, got)}
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -410,10 +410,10 @@ def compare_logits(reference, model, input_ids: torch.Tensor) -> dict:
     def ppl(logits):
         return float(torch.exp(F.cross_entropy(logits, target)))
 
-    return {
-        "tokens": int(target.numel()),
-        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
-        "logit_cosine": float(F.cosine_similarity(ref, got, dim=-1).mean()),
-        "ppl_reference": ppl(ref),
-        "ppl": ppl(got),
-    }
+    return {"tokens": int(target.numel()), **logit_agreement(ref, got), "ppl_reference": ppl(ref), "ppl": ppl(got)}
+
+
+def logit_agreement(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    """Next-token logits (N, V) of two models on the same positions: top-1 agreement and mean cosine."""
+    return {"top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+            "logit_cosine": float(F.cosine_similarity(ref, got, dim=-1).mean())}
