@@ -6,7 +6,6 @@ steps, rescales the stages to the steps the rest of the budget buys, and ends cl
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -247,8 +246,7 @@ def log_step(log, bar, done: int, stage: Stage, stats: StepStats, optimizer: tor
            "elapsed_s": round(train_seconds, 2)}
     if stage.objective == "lm" and cfg.contrastive_weight > 0:
         row["contrastive"] = round(stats.contrastive, 6)
-    log.write(json.dumps(row) + "\n")
-    log.flush()
+    log.append(row)
     if bar is not None:
         bar.set_postfix(stage=stage.name, loss=f"{stats.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)

@@ -1,4 +1,4 @@
-"""The run folder OUT and what the trainer writes there:
+"""The run folder OUT and what the trainer writes there (claimed and logged with smolvlm.run_folder):
 
     OUT/run.json                  the config (and preset) the run was started with
     OUT/checkpoints/step-N.pt     model, optimizer, RNG states (written atomically; the last few kept)
@@ -11,17 +11,16 @@
 from __future__ import annotations
 
 import copy
-import json
 import random
 import sys
 from pathlib import Path
 
 import torch
 
-from smolvlm.errors import SmolVLMError
-from smolvlm.files import atomic_path, atomic_write_jsonl, atomic_write_text
+from smolvlm.files import atomic_path
 from smolvlm.lora import lora_modules, merge_lora, save_adapters
 from smolvlm.models.vlm import VLM
+from smolvlm.run_folder import JsonlLog, claim
 from smolvlm.train.config import Stage, TrainConfig, config_to_dict
 
 EXECUTION_KEYS = ("threads", "workers", "checkpoint_every", "keep_checkpoints")
@@ -29,35 +28,19 @@ EXECUTION_KEYS = ("threads", "workers", "checkpoint_every", "keep_checkpoints")
 
 def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, preset: str | None = None) -> None:
     """OUT/run.json records the config; a folder holding a different run is never mixed into."""
-    run_file = out / "run.json"
-    want = config_to_dict(cfg)
-    if run_file.exists():
-        try:
-            have = json.loads(run_file.read_text())["config"]
-        except (OSError, ValueError, KeyError):
-            raise SmolVLMError(f"{out} holds an unreadable run.json; pick another --out") from None
-        if not resume:
-            raise SmolVLMError(f"{out} already holds a training run; pass --resume to continue it or choose "
-                               "another --out")
-        # how the run is executed may change between sessions (e.g. more cores); what it computes may not
-        have = {k: v for k, v in have.items() if k not in EXECUTION_KEYS}
-        if have != {k: v for k, v in want.items() if k not in EXECUTION_KEYS}:
-            diff = _first_difference(have, {k: v for k, v in want.items() if k not in EXECUTION_KEYS})
-            raise SmolVLMError(f"{out} holds a different run ({diff}); resume with the same config or choose "
-                               "another --out")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise SmolVLMError(f"{out} is not empty and holds no smolvlm run; choose an empty or new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_file, json.dumps({"config": want, "preset": preset}, indent=2))
+    existing = "{folder} already holds a training run; pass --resume to continue it or choose another --out"
+    claim(out, {"config": config_to_dict(cfg), "preset": preset}, same=_computed,
+          existing=None if resume else existing,
+          different="{folder} holds a different run ({difference}); resume with the same config or choose another "
+                    "--out",
+          unreadable="{folder} holds an unreadable run.json; pick another --out",
+          foreign="{folder} is not empty and holds no smolvlm run; choose an empty or new --out")
 
 
-def _first_difference(a, b, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-    return f"{path}: {a!r} there, {b!r} now"
+def _computed(record: dict) -> dict:
+    """What of a run.json a resume must match: the config but how it is executed, which may change between
+    sessions (e.g. more cores); the preset is resume_config's to check."""
+    return {k: v for k, v in record["config"].items() if k not in EXECUTION_KEYS}
 
 
 def checkpoint_paths(out: Path) -> list[tuple[int, Path]]:
@@ -96,24 +79,16 @@ def load_latest_checkpoint(out: Path) -> tuple[int, dict | None]:
 
 
 def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break  # a line cut by a kill
-    return rows
+    """The rows of OUT/metrics.jsonl, up to a line cut by a kill."""
+    return JsonlLog(out / "metrics.jsonl").read()
 
 
-def open_metrics(out: Path, start: int):
+def open_metrics(out: Path, start: int) -> JsonlLog:
     """OUT/metrics.jsonl cut back to exactly the steps up to `start` (a killed run may have logged more), opened
     for appending this session's rows."""
-    rows = [r for r in read_metrics(out) if r.get("step", 0) <= start]
-    atomic_write_jsonl(out / "metrics.jsonl", rows)
-    return open(out / "metrics.jsonl", "a", encoding="utf-8")
+    log = JsonlLog(out / "metrics.jsonl")
+    log.open(keep=lambda row: row.get("step", 0) <= start)
+    return log
 
 
 def plot_losses(out: Path, rows: list[dict], stages: list[Stage]) -> Path | None:
