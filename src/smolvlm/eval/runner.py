@@ -16,8 +16,9 @@ from smolvlm.eval.predict import (
     run_generation,
     run_retrieval,
 )
-from smolvlm.eval.run_folder import PeakMemory, RunFolder, atomic_write_text, read_predictions
+from smolvlm.eval.run_folder import PeakMemory, RunFolder, read_predictions
 from smolvlm.eval.tasks import SUITE_TASKS, TaskData, load_task_data
+from smolvlm.files import atomic_write_text
 
 __all__ = ["run_suite", "run_task", "score_task", "suite_markdown", "task_predictions"]
 
