@@ -76,6 +76,12 @@ def test_a_non_empty_folder_without_a_run(tmp_path):
     assert (tmp_path / "run.json").is_file()
 
 
+def test_a_kills_leftover_temporary_file_does_not_make_a_folder_foreign(tmp_path):
+    (tmp_path / ".run.json.abc123.tmp").write_text("{")  # what files.atomic_path leaves when killed mid-write
+    assert claim(tmp_path, RUN, **train_policy(resume=False)) is False
+    assert (tmp_path / "run.json").is_file()
+
+
 def test_an_unreadable_run_json(tmp_path):
     for text in ("{", "[1]", '{"preset": "p"}', '{"config": [1]}', "\xff"):
         (tmp_path / "run.json").write_bytes(text.encode("latin-1"))

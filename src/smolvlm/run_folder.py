@@ -46,7 +46,9 @@ def claim(folder: Path, record: dict, *, different: str, existing: str | None = 
     run_json = folder / "run.json"
     fields = {"folder": folder, "run_json": run_json, "difference": ""}
     if not run_json.is_file():
-        if foreign is not None and any(folder.iterdir()):
+        # a kill's leftover temporary file (files.py: hidden, .NAME.*.tmp) is no one's run
+        if foreign is not None and any(not (p.name.startswith(".") and p.name.endswith(".tmp"))
+                                       for p in folder.iterdir()):
             raise SmolVLMError(foreign.format(**fields))
         atomic_write_json(run_json, record)
         return False
