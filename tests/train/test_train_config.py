@@ -53,3 +53,17 @@ def test_yaml_config_and_overrides_round_trip(tmp_path):
     again = resolve_config(None, str(f), [])
     assert again == resolve_config("test-tiny", None, ["seed=3"])
     assert isinstance(from_dict(TrainConfig, {}), TrainConfig)
+
+
+def test_workers_auto_follows_the_training_dtype():
+    cfg = resolve_config("shapes-tiny", None, [])
+    assert cfg.workers == "auto"
+    # float32 training makes the next batches in a worker process; bf16 training in its own process
+    assert resolve_config("shapes-tiny", None, ["bf16=false"]).data_workers == 1
+    assert resolve_config("shapes-tiny", None, ["bf16=true"]).data_workers == 0
+    assert resolve_config("shapes-tiny", None, ["bf16=true", "workers=2"]).data_workers == 2
+    for bad in ("many", "-1"):
+        with pytest.raises(SmolVLMError, match="'workers' must be a whole number >= 0 or auto"):
+            resolve_config("shapes-tiny", None, [f"workers={bad}"])
+    with pytest.raises(SmolVLMError, match="'workers' must be an integer"):
+        resolve_config("shapes-tiny", None, ["workers=true"])

@@ -310,7 +310,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
     optimizer, params, current_stage = None, [], -1
     loss_value = None
     # a budgeted run may be planned longer than configured: the loader runs on until the loop stops
-    loader = iter(step_loader(dataset, start, UNPLANNED if budget.seconds else schedule.total, cfg.workers))
+    loader = iter(step_loader(dataset, start, UNPLANNED if budget.seconds else schedule.total, cfg.data_workers))
     model.train()
     step = start
     while step < schedule.total:
