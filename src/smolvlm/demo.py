@@ -177,7 +177,7 @@ BLIND_STEP_COST = 0.8
 RESERVE_STEPS = 160
 PROBE_STEPS = 10  # timed steps, after one untimed (it pays one-off costs)
 EVAL_MARGIN = 1.15  # the model's evaluation against the blind one's: the same questions, answers of similar length
-FINISH_SECONDS = 20.0  # sample answers, plots, report, the interpreter's exit
+FINISH_SECONDS = 25.0  # sample answers, plots, report, the interpreter's exit (20 was short on a float32 demo)
 MIN_STEP_SHARE = 0.25  # a budget that buys fewer of the preset's steps than this is refused, not run
 
 
