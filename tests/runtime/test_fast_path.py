@@ -194,9 +194,32 @@ def test_packed_onednn_linear_only_where_bf16_is_native(monkeypatch):
         assert (got - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-def test_vision_tower_packs_its_linears_only_in_bf16_inference_on_native_bf16():
+def test_packed_onednn_linear_in_float32_from_avx2_up(monkeypatch):
+    if not modules.ONEDNN_LINEAR or not cpu.is_x86():
+        pytest.skip("float32 packing is used on x86 with oneDNN only")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(3, 50, 64)
+    with torch.no_grad():
+        for level in cpu.LEVELS[:cpu.LEVELS.index(cpu.detected_level()) + 1]:
+            monkeypatch.setenv(cpu.ENV, level)
+            for gelu in (False, True):
+                packed = modules.PackedWeight()
+                ref = F.linear(x, layer.weight, layer.bias)
+                ref = F.gelu(ref, approximate="tanh") if gelu else ref
+                got = modules.packed_linear(x, layer, packed, gelu=gelu)
+                assert (packed.packed is not None) == (level != "generic"), level
+                assert got.dtype == torch.float32 and got.shape == (3, 50, 96)
+                assert (got - ref).abs().max() < 1e-5 * ref.abs().max(), (level, gelu)
+    with torch.enable_grad():  # training keeps ATen's matmul (autograd)
+        packed = modules.PackedWeight()
+        modules.packed_linear(x, layer, packed)
+        assert packed.packed is None
+
+
+def test_vision_tower_packs_its_linears_only_in_inference():
     if not modules.ONEDNN_LINEAR or not cpu.native_bf16():
-        pytest.skip(f"packed oneDNN linears need native bf16 (this CPU's level: {cpu.level()})")
+        pytest.skip(f"packed oneDNN bf16 linears need native bf16 (this CPU's level: {cpu.level()})")
     model = prepare(tiny(dtype=torch.bfloat16))
     pixels = torch.randn(1, 2, 3, 32, 32)
     block = model.vision_model.encoder["layers"][0]

@@ -27,15 +27,16 @@ from smolvlm.models.vision import VisionAttention, VisionMLP
 from smolvlm.runtime import attention, cpu, decode_step
 from smolvlm.runtime.quantize import Fused, dense_linear
 
-# oneDNN's fused linear with a weight packed once into its blocked layout; its bf16 packing raises on CPUs without
-# AVX-512 (BW/VL/DQ) and is emulated (slow) without native bf16, so it is used only where bf16 is native
+# oneDNN's linear with a weight packed once into its blocked layout (the vision tower's large-row matmuls). bf16:
+# its packing raises on CPUs without AVX-512 (BW/VL/DQ) and is emulated (slow) without native bf16, so only where
+# bf16 is native; float32: on x86 from AVX2 up, where it beats ATen's matmul (docs/speed.md)
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 PACK_ROWS = 1024  # the row count oneDNN packs for: one 512-px tile of 16-px patches (any count works)
 
 
 class PackedWeight:
-    """oneDNN's blocked copy of a bf16 weight, made again when the weight is replaced or updated in place."""
+    """oneDNN's blocked copy of a weight, made again when the weight is replaced or updated in place."""
 
     def __init__(self):
         self.key, self.packed = None, None
@@ -48,17 +49,23 @@ class PackedWeight:
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return ONEDNN_LINEAR and x.dtype == weight.dtype == torch.bfloat16 and cpu.native_bf16() \
-        and not torch.is_grad_enabled()
+    if not ONEDNN_LINEAR or torch.is_grad_enabled() or x.dtype != weight.dtype:
+        return False
+    if x.dtype == torch.bfloat16:
+        return cpu.native_bf16()
+    return x.dtype == torch.float32 and cpu.is_x86() and cpu.at_least("avx2")
 
 
 def packed_linear(x: torch.Tensor, layer, packed: PackedWeight, gelu: bool = False) -> torch.Tensor:
     """layer(x) (then tanh-GELU if asked) for an nn.Linear or a float Fused: through the packed oneDNN weight where
-    that applies, else the layer itself."""
+    that applies, else the layer itself. The GELU runs in oneDNN's epilogue from AVX-512 up; with AVX2 alone its
+    epilogue is slower than ATen's GELU after the matmul."""
     weight = layer.weight
     if onednn_applies(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, packed.get(weight), layer.bias, "gelu" if gelu else "none", [],
-                                                  "tanh" if gelu else "")
+        epilogue = gelu and cpu.at_least("avx512")
+        y = torch.ops.mkldnn._linear_pointwise(x, packed.get(weight), layer.bias, "gelu" if epilogue else "none", [],
+                                               "tanh" if epilogue else "")
+        return F.gelu(y, approximate="tanh") if gelu and not epilogue else y
     y = layer(x)
     return F.gelu(y, approximate="tanh") if gelu else y
 
