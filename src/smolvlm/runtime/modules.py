@@ -184,22 +184,22 @@ class FastDecoder(Decoder):
     applies (runtime/decode_step.py: fused bf16 / float32 / int8 / int4 projections, no LoRA, no shared or
     cross-attention layers); everything else runs the plain loop over the Fast* layers."""
 
-    decode_step: decode_step.DecodeStep | None  # the step last built (for_decoder keeps it while it applies)
+    built_step: decode_step.DecodeStep | None  # the step last built (for_decoder keeps it while it applies)
     step_cache: KVCache | None  # the KV cache the step was last checked for: weights are checked once per cache
 
     @classmethod
     def adopt(cls, m: Decoder) -> FastDecoder:
         m.__class__ = cls
-        m.decode_step, m.step_cache = None, None
+        m.built_step, m.step_cache = None, None
         return m
 
     def current_step(self, cache: KVCache | None = None) -> decode_step.DecodeStep | None:
         """The C++ step for the decoder's weights as they are (None where it does not apply); checked again for
         each new KV cache (a generation), not at every token."""
         if cache is None or cache is not self.step_cache:
-            self.decode_step = decode_step.for_decoder(self, current=self.decode_step)
+            self.built_step = decode_step.for_decoder(self, current=self.built_step)
             self.step_cache = cache
-        return self.decode_step
+        return self.built_step
 
     def forward(self, inputs_embeds, position_ids, key_mask=None, cache: KVCache | None = None, memory=None,
                 memory_mask=None, attn_mask=None) -> torch.Tensor:

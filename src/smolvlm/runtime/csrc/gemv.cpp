@@ -128,25 +128,26 @@ struct VG {
 
 template <class V, typename W>
 void dot_rows(const W* w, int64_t K, int64_t r, const float* x, float* out) {
+  // a row at a time, four sums each: reading four rows side by side streamed the weights at a third of the speed
+  // (AVX2, SmolLM2-135M's shapes)
   using R = typename V::R;
   constexpr int L = V::L;
-  const int64_t kv = K / L * L;
-  if (r == kRows) {  // the common case: four independent accumulators, x loaded once for all four rows
-    R acc[kRows] = {V::zero(), V::zero(), V::zero(), V::zero()};
-    for (int64_t k = 0; k < kv; k += L) {
-      const R xv = V::load(x + k);
-      for (int64_t i = 0; i < kRows; ++i) acc[i] = V::fma(V::load(w + i * K + k), xv, acc[i]);
+  const int64_t kv = K / L * L, k4 = K / (4 * L) * (4 * L);
+  for (int64_t i = 0; i < r; ++i) {
+    const W* wi = w + i * K;
+    R a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+    int64_t k = 0;
+    for (; k < k4; k += 4 * L) {
+      a0 = V::fma(V::load(wi + k), V::load(x + k), a0);
+      a1 = V::fma(V::load(wi + k + L), V::load(x + k + L), a1);
+      a2 = V::fma(V::load(wi + k + 2 * L), V::load(x + k + 2 * L), a2);
+      a3 = V::fma(V::load(wi + k + 3 * L), V::load(x + k + 3 * L), a3);
     }
-    for (int64_t i = 0; i < kRows; ++i) out[i] = V::sum(acc[i]);
-  } else {
-    for (int64_t i = 0; i < r; ++i) {
-      R acc = V::zero();
-      for (int64_t k = 0; k < kv; k += L) acc = V::fma(V::load(w + i * K + k), V::load(x + k), acc);
-      out[i] = V::sum(acc);
-    }
+    for (; k < kv; k += L) a0 = V::fma(V::load(wi + k), V::load(x + k), a0);
+    float y = (V::sum(a0) + V::sum(a1)) + (V::sum(a2) + V::sum(a3));
+    for (; k < K; ++k) y += scalar(wi[k]) * x[k];
+    out[i] = y;
   }
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t k = kv; k < K; ++k) out[i] += scalar(w[i * K + k]) * x[k];
 }
 
 // int4: rows [n0, n0 + r) (q: their K/2 bytes each, sz: their K/g (scale, zero) pairs) with x reordered per
