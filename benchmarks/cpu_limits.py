@@ -5,6 +5,8 @@ the ceilings `smolvlm bench`'s figures should be read against.
 
   gemm             bf16 matmul GFLOP/s at the vision tower's shapes (1024 patches x 768 -> 2304 / 3072 / 768)
   vision_floor_s   one 512-px tile's linear layers (12 x 14.5 GFLOP) at that rate, attention not counted
+  gemm_float32     the same in float32: ATen's matmul and oneDNN's pre-packed weights (what smolvlm's float32
+                   vision runs on x86 from AVX2 up), and the floor of a tile at the faster of the two
   vit_attention    one 1024-patch, 12-head bf16 attention layer: SDPA kernel vs matmul-softmax-matmul over
                    all heads at once vs 2 heads at a time (ms)
   decode_weights   one decoding token's projections over 30 distinct layers (SmolLM2-135M: fused q/k/v,
@@ -38,6 +40,21 @@ def gemm(iters: int) -> dict:
     for k, n in ((768, 2304), (768, 3072), (3072, 768)):
         x, w = torch.randn(1024, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
         out[f"1024x{k}->{n}"] = 2 * 1024 * k * n / 1e6 / best_ms(lambda x=x, w=w: F.linear(x, w), iters)
+    return out
+
+
+def gemm_float32(iters: int) -> dict:
+    packing = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    out = {}
+    for k, n in ((768, 2304), (768, 3072), (3072, 768)):
+        x, w = torch.randn(1024, k), torch.randn(n, k)
+        flop = 2 * 1024 * k * n / 1e6
+        with torch.inference_mode():
+            out[f"aten_1024x{k}->{n}"] = flop / best_ms(lambda x=x, w=w: F.linear(x, w), iters)
+            if packing:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
+                out[f"onednn_1024x{k}->{n}"] = flop / best_ms(
+                    lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""), iters)
     return out
 
 
@@ -114,6 +131,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     res = {"threads": args.threads, "gemm_gflops": gemm(args.iters)}
     res["vision_floor_s"] = 12 * 14.5 / min(res["gemm_gflops"].values())
+    res["gemm_float32_gflops"] = gemm_float32(args.iters)
+    best = {}  # per shape, the faster of ATen and oneDNN
+    for name, rate in res["gemm_float32_gflops"].items():
+        shape = name.split("_", 1)[1]
+        best[shape] = max(best.get(shape, 0.0), rate)
+    res["vision_floor_float32_s"] = 12 * 14.5 / min(best.values())
     res["vit_attention_ms"] = vit_attention(args.iters)
     res["decode_weights_ms"] = decode_weights(args.iters)
     res["decode_attention_ms"] = decode_attention(args.iters)
