@@ -40,3 +40,17 @@ def test_a_build_of_other_sources_is_announced_before_torch_rebuilds_it():
     assert r.returncode == 0, r.stderr
     assert f"the C++ kernels for {level} may be out of date" in r.stderr
     assert stamp.read_text().strip() == kernels.sources_digest(level)  # stamped again once loaded
+
+
+def test_builds_run_the_ninja_package_whatever_path_the_caller_has(monkeypatch):
+    """A system ninja of another version takes the package's builds for changed commands and rebuilds them all."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import ninja
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # where a system ninja would be found first
+    with kernels.our_ninja_first():
+        assert Path(shutil.which("ninja")).parent == Path(ninja.BIN_DIR)
+    assert os.environ["PATH"] == "/usr/bin:/bin"

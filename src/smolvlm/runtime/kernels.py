@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,7 @@ def extension(level: str | None = None):
             print(f"smolvlm: the C++ kernels for {level} may be out of date: compiling them again if so (about a "
                   "minute)...", file=sys.stderr)
         try:
-            with build_lock(level):
+            with build_lock(level), our_ninja_first():
                 _MODULES[level] = cpp_extension.load(name=name, sources=sources(),
                                                      extra_cflags=COMMON_FLAGS + LEVEL_FLAGS[level],
                                                      extra_ldflags=["-fopenmp"], verbose=False)
@@ -108,6 +109,29 @@ def extension(level: str | None = None):
                   "decoding and the vision tower run on PyTorch alone (slower)", file=sys.stderr)
             _MODULES[level] = False
     return _MODULES[level] or None
+
+
+@contextlib.contextmanager
+def our_ninja_first():
+    """PATH with the `ninja` package's program first while torch builds. Two ninja versions (e.g. a system 1.11 and
+    the package's 1.13) do not read each other's build logs: each takes the other's builds for changed commands and
+    rebuilds every file (a minute, without a word), so which one runs must not depend on the caller's PATH."""
+    try:
+        import ninja
+
+        first = ninja.BIN_DIR
+    except (ImportError, AttributeError):  # no ninja package: torch finds whatever ninja PATH has
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = first + os.pathsep + (before or "")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 @contextlib.contextmanager
