@@ -15,7 +15,7 @@ give NaN on some paths, the C++ kernels give 0: both are made to give 0).
 Which implementation runs (the C++ kernels are those of the extension built for cpu.level()):
     bf16     csrc/attention.cpp's AVX-512 BF16 kernel (head dim 64), else bf16 matmuls around softmax_
              (matmul_attention, blocked_attention), or SDPA when gradients are wanted
-    float32  csrc/attention.cpp's float32 kernel for causal attention at the levels in F32_KERNEL_ISAS (where it
+    float32  csrc/attention_f32.cpp's float32 kernel for causal attention at the levels in F32_KERNEL_ISAS (where it
              beats torch's float32 SDPA, which is flash attention on CPU), else SDPA with enable_gqa
 """
 

@@ -3,8 +3,8 @@
     csrc/decode_step.cpp  one decoding step through all decoder layers (decode_step.py uses it); the bindings
     csrc/gemv.cpp         the step's projections: few-row matmuls streaming bf16 / float32 / int8 / int4 weights
     csrc/softmax.cpp      row softmax in place, bf16 / float32 (runtime/attention.py)
-    csrc/attention.cpp    attention in one pass, bf16 / float32 (runtime/attention.py: the vision tower's and
-                          causal prompts')
+    csrc/attention.cpp    attention in one pass, bf16 (runtime/attention.py: the vision tower's and causal
+                          prompts'); csrc/attention_f32.cpp the same in float32
 
 Each level of cpu.py (generic, avx2, avx512, avx512_bf16) is its own module, `smolvlm_kernels_<level>`, built
 with only that level's instructions (LEVEL_FLAGS; never -march=native), so the build cache (torch_extensions,
