@@ -128,8 +128,8 @@ struct VG {
 
 template <class V, typename W>
 void dot_rows(const W* w, int64_t K, int64_t r, const float* x, float* out) {
-  // a row at a time, four sums each: reading four rows side by side streamed the weights at a third of the speed
-  // (AVX2, SmolLM2-135M's shapes)
+  // a row at a time, four sums each: reading four rows side by side streamed the weights much slower
+  // (docs/speed.md)
   using R = typename V::R;
   constexpr int L = V::L;
   const int64_t kv = K / L * L, k4 = K / (4 * L) * (4 * L);

@@ -229,7 +229,7 @@ void int4_rows_any(const uint8_t* w, const S* sz, int64_t K, int64_t g, int64_t 
 
 // one int8 row: per block, |w| (u8) times x's parts with w's sign (s8) -> s16 pairs -> int32 lanes of
 // 254 (W.q1) + (W.q2), scaled by the block's d / 254. A row at a time, two blocks per step into two sums: reading
-// four rows side by side (as the int4 loop does) streamed the head at about half this speed
+// four rows side by side streamed the head much slower (docs/speed.md)
 inline float int8_row(const int8_t* w, int64_t K, const int8_t* q1, const int8_t* q2, const float* dq) {
   const __m256i ones = _mm256_set1_epi16(1), fine = _mm256_set1_epi16(kFineSteps);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
