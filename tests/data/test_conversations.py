@@ -127,3 +127,28 @@ def test_packed_independent_turns_give_each_turn_exactly_its_single_turn_logits(
     n_other = len(other["input_ids"])
     torch.testing.assert_close(logits[1, :n_other - 1][torch.tensor(other["labels"][1:]) != IGNORE], want[3],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_tokenized_chats_are_memoized_per_processor_and_stay_exact(processor):
+    """tokenize_messages keeps what it rendered (training repeats its questions): a repeat returns the first
+    result as fresh lists, another processor renders its own, and parts JSON cannot hold are not kept."""
+    from smolvlm.data import conversations as c
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    c._TOKENIZED.pop(processor, None)
+    first = c.tokenize_messages(messages, processor, [0], [0])
+    assert first == c._tokenize_messages(messages, processor, [0], [0])
+    assert len(c._TOKENIZED[processor]) == 1
+    first[0].append(-1)  # the caller owns what it got
+    again = c.tokenize_messages(messages, processor, [0], [0])
+    assert again == c._tokenize_messages(messages, processor, [0], [0]) and again[0][-1] != -1
+    assert len(c._TOKENIZED[processor]) == 1
+    other = build_train_model(PRESETS["test-tiny"]().model, 0)[1]
+    assert other not in c._TOKENIZED
+    c.tokenize_messages(messages, other, [0], [0])
+    assert other in c._TOKENIZED
+    with_object = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (8, 8))},
+                                                {"type": "text", "text": "What color?"}]}]
+    c.tokenize_messages(with_object, processor, [0], [0])
+    assert len(c._TOKENIZED[processor]) == 1

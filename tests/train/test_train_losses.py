@@ -64,3 +64,30 @@ def test_distillation_errors(tmp_path, base_run):
                                              "model.text.hidden_size=32", "model.text.head_dim=8"])
     with pytest.raises(SmolVLMError, match="equal hidden sizes"):
         train(bad, tmp_path / "bad", progress=False)
+
+
+def test_a_pass_over_real_tokens_only_equals_the_padded_pass():
+    """hidden_states(real_tokens=...) runs the decoder's norms, projections and MLP on the real tokens only
+    (models.decoder.RealTokens): the hidden states at real tokens and every parameter's gradient are the
+    padded pass's, zeros at the padding."""
+    from smolvlm.train import build_train_model
+
+    cfg = resolve_config("test-tiny", None, ["data.questions_per_image=3"])
+    model, processor = build_train_model(cfg.model, 0)
+    batch = StepBatches(build_data(cfg.data, 0, cfg.batch_size), processor, cfg, 0, 1)[0][0]
+    real = batch["attention_mask"].bool()
+    assert not real.all(), "the batch needs padding for this test"
+    attn = branch_attention_mask(batch["branch_ids"])
+    out = {}
+    for name, tokens in (("padded", None), ("real", real)):
+        model.zero_grad()
+        h = model.hidden_states(batch["input_ids"], batch["pixel_values"], batch["pixel_attention_mask"],
+                                position_ids=batch["position_ids"], attn_mask=attn, real_tokens=tokens)
+        (h[real] ** 2).sum().backward()
+        out[name] = (h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (h_pad, g_pad), (h_real, g_real) = out["padded"], out["real"]
+    torch.testing.assert_close(h_real[real], h_pad[real], atol=1e-5, rtol=1e-5)
+    assert h_real[~real].eq(0).all()
+    assert g_real.keys() == g_pad.keys() and any("text_model" in n for n in g_real)
+    for n in g_pad:
+        torch.testing.assert_close(g_real[n], g_pad[n], atol=1e-4, rtol=1e-4, msg=n)

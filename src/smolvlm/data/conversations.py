@@ -6,6 +6,7 @@ conversation to model inputs with the loss on assistant tokens only.
 """
 
 import json
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,10 +148,32 @@ def tokenize_conversation(conv: Conversation, processor: Processor, max_len: int
     return out
 
 
+# processor -> {(messages as JSON, rows, cols): (ids, labels)}: rendering the chat template is most of the cost
+# of making a batch, and training data repeats its questions and answers (the shapes world asks a few thousand
+# distinct ones). Per processor, since the template and tokenizer decide the tokens.
+_TOKENIZED: "weakref.WeakKeyDictionary[Processor, dict]" = weakref.WeakKeyDictionary()
+_TOKENIZED_MAX = 16384  # entries per processor; a full cache starts over
+
+
 def tokenize_messages(messages: list[dict], processor: Processor, rows: list, cols: list) -> tuple[list, list]:
     """(ids, labels) of a chat whose images were split into rows x cols tiles. The chat is rendered one
     message at a time so each assistant answer is tokenized exactly as generation will see it: after
-    the prompt's generation prefix."""
+    the prompt's generation prefix. Results are memoized per processor (messages holding objects JSON
+    cannot write, e.g. images in parts, are not)."""
+    try:
+        key = (json.dumps(messages, sort_keys=True), tuple(rows), tuple(cols))
+    except TypeError:
+        return _tokenize_messages(messages, processor, rows, cols)
+    cache = _TOKENIZED.setdefault(processor, {})
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) >= _TOKENIZED_MAX:
+            cache.clear()
+        hit = cache[key] = _tokenize_messages(messages, processor, rows, cols)
+    return list(hit[0]), list(hit[1])
+
+
+def _tokenize_messages(messages: list[dict], processor: Processor, rows: list, cols: list) -> tuple[list, list]:
     ids: list[int] = []
     labels: list[int] = []
     rendered, image_i = "", 0

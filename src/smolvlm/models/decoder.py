@@ -99,6 +99,32 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+@dataclass
+class RealTokens:
+    """Where the real (non-padding) tokens of a right-padded (B, T) batch are. A training pass given them runs the
+    decoder's position-wise parts (norms, projections, MLP: most of its FLOPs) on the N real tokens only, as (N, D),
+    and attention on the (B, T) grid, so padding costs attention alone; every real token's result is the padded
+    pass's (the "unpad" of flash-attention's variable-length path)."""
+
+    index: torch.Tensor  # (N,) flat positions in B*T
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "RealTokens":
+        """mask (B, T) bool, True on real tokens."""
+        return cls(mask.flatten().nonzero().squeeze(1), mask.shape[0], mask.shape[1])
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)"""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at padding"""
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:])
+        return out.index_copy(0, self.index, x).view(self.batch, self.length, *x.shape[1:])
+
+
 # https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py (LlamaAttention)
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
@@ -110,21 +136,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, slot: int) -> torch.Tensor:
-        """x (B, T, D); attn_mask (B, 1, T, S) bool or None (plain causal); slot: this application's place in the
-        KV cache (block index x layer_repeats + repeat)."""
-        b, t, _ = x.shape
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, slot: int,
+                real: RealTokens | None = None) -> torch.Tensor:
+        """x (B, T, D), or (N, D) with `real`; attn_mask (B, 1, T, S) bool or None (plain causal); slot: this
+        application's place in the KV cache (block index x layer_repeats + repeat)."""
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H hd), (B, T, Hkv hd) x 2
+        if real is not None:  # (N, .) -> (B, T, .): attention runs on the grid
+            q, k, v = real.scatter(q), real.scatter(k), real.scatter(v)
+        b, t, _ = q.shape
+        q = q.view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(b, t, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(b, t, -1, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, hd), S = filled + T: only the filled part
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and t > 1, enable_gqa=True
         )  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(y if real is None else real.gather(y))
 
 
 # https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py (LlamaMLP)
@@ -149,8 +180,8 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, cache, slot: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, slot)
+    def forward(self, x, cos, sin, attn_mask, cache, slot: int, real: RealTokens | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, slot, real)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -194,7 +225,10 @@ class Decoder(nn.Module):
         memory: torch.Tensor | None = None,  # (B, M, D) visual tokens for the cross-attention layers
         memory_mask: torch.Tensor | None = None,  # (B, M) bool, True on real visual tokens
         attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool: keys each query sees, a subset of causal
+        real: RealTokens | None = None,  # training: position-wise parts on the real tokens only (no cache/memory)
     ) -> torch.Tensor:
+        if real is not None and (cache is not None or memory is not None):
+            raise ValueError("RealTokens is for a training pass: no KV cache, no cross-attention memory")
         past_len = cache.length if cache is not None else 0
         if attn_mask is None:
             attn_mask = build_attention_mask(key_mask, inputs_embeds.shape[1], past_len)
@@ -206,14 +240,14 @@ class Decoder(nn.Module):
                 cache.cross, cache.cross_mask = cross, memory_mask
         elif cache is not None and cache.cross is not None:
             cross, memory_mask = cache.cross, cache.cross_mask
-        x = inputs_embeds
+        x = inputs_embeds if real is None else real.gather(inputs_embeds)  # (B, T, D) or (N, D)
         repeats = self.cfg.layer_repeats
         for i, layer in enumerate(self.layers):
             if cross is not None and i % self.cross_attention_every == 0:
                 k, v = cross[i // self.cross_attention_every]
                 x = self.cross_layers[i // self.cross_attention_every](x, k, v, memory_mask)
             for r in range(repeats):
-                x = layer(x, cos, sin, attn_mask, cache, i * repeats + r)
+                x = layer(x, cos, sin, attn_mask, cache, i * repeats + r, real)
         if cache is not None:
             cache.length += inputs_embeds.shape[1]
-        return self.norm(x)
+        return self.norm(x) if real is None else real.scatter(self.norm(x))

@@ -25,7 +25,7 @@ from smolvlm.models.cnn import CNNConfig, CNNEncoder
 from smolvlm.models.connector import CONNECTORS, make_connector, tokens_per_tile
 from smolvlm.models.contrastive import ContrastiveHead
 from smolvlm.models.cross_attention import GatedCrossAttentionBlock
-from smolvlm.models.decoder import Decoder, DecoderConfig, KVCache
+from smolvlm.models.decoder import Decoder, DecoderConfig, KVCache, RealTokens
 from smolvlm.models.vision import VisionConfig, VisionEncoder
 
 
@@ -232,10 +232,12 @@ class VLM(nn.Module):
         position_ids: torch.Tensor | None = None,  # (B, T)
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,  # (B, 1, T, T) bool, keys per query (training's packed turns)
+        real_tokens: torch.Tensor | None = None,  # (B, T) bool: training's right padding is False
     ) -> torch.Tensor:
         """The decoder's final (normed) hidden states (B, T, D); training picks the positions it needs
         before the (large) vocabulary projection. attn_mask replaces causal attention (with position_ids
-        given): see data/conversations.py, independent turns."""
+        given): see data/conversations.py, independent turns. real_tokens: the decoder's position-wise parts
+        skip the padding (decoder.RealTokens; zeros there in the result), without cache or cross-attention."""
         if pixel_values is not None:
             image_embeds = self.encode_images(pixel_values, pixel_attention_mask)
         x = self.embed(input_ids, image_embeds)
@@ -251,7 +253,10 @@ class VLM(nn.Module):
             else:
                 position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(x.shape[0], t)
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        return self.text_model(x, position_ids, key_mask, cache, memory, memory_mask, attn_mask)
+        real = None
+        if real_tokens is not None and cache is None and memory is None and not bool(real_tokens.all()):
+            real = RealTokens.of(real_tokens)
+        return self.text_model(x, position_ids, key_mask, cache, memory, memory_mask, attn_mask, real=real)
 
     def forward(
         self,

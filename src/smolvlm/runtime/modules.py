@@ -139,9 +139,9 @@ class FastAttention(Attention):
         m.fused = _fuse(m, ("q_proj", "k_proj", "v_proj"))
         return m
 
-    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, slot: int) -> torch.Tensor:
-        if self.fused is None or not self.fused.usable(self):
-            return super().forward(x, cos, sin, attn_mask, cache, slot)
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, slot: int, real=None) -> torch.Tensor:
+        if self.fused is None or not self.fused.usable(self) or real is not None:
+            return super().forward(x, cos, sin, attn_mask, cache, slot, real)
         b, t, _ = x.shape
         hd, h, hkv = self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
         qk, v = self.fused(x).split([(h + hkv) * hd, hkv * hd], dim=-1)  # (B, T, (H + Hkv) hd), (B, T, Hkv hd)
@@ -202,13 +202,13 @@ class FastDecoder(Decoder):
         return self.built_step
 
     def forward(self, inputs_embeds, position_ids, key_mask=None, cache: KVCache | None = None, memory=None,
-                memory_mask=None, attn_mask=None) -> torch.Tensor:
+                memory_mask=None, attn_mask=None, real=None) -> torch.Tensor:
         if cache is not None and inputs_embeds.shape[1] == 1 and attn_mask is None and memory is None \
                 and cache.cross is None and not torch.is_grad_enabled():
             step = self.current_step(cache)
             if step is not None:
                 return self.step(step, inputs_embeds, position_ids, key_mask, cache)
-        return super().forward(inputs_embeds, position_ids, key_mask, cache, memory, memory_mask, attn_mask)
+        return super().forward(inputs_embeds, position_ids, key_mask, cache, memory, memory_mask, attn_mask, real)
 
     def step(self, step: decode_step.DecodeStep, inputs_embeds, position_ids, key_mask, cache: KVCache):
         """(B, 1, D) -> (B, 1, D): the plain loop's result for one token, minus its ~40 small ops per layer."""

@@ -39,9 +39,11 @@ def token_losses(model: VLM, batch: dict, teacher: VLM | None, distill: DistillC
     # the batch packs independent turns
     attn = branch_attention_mask(batch["branch_ids"]) if "branch_ids" in batch else None
     positions = batch.get("position_ids")
+    # the padding skips the decoder's projections and MLP (a quarter of a shapes batch's tokens)
+    real = batch["attention_mask"].bool() if "attention_mask" in batch else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         h = model.hidden_states(batch["input_ids"], image_embeds=image_embeds, position_ids=positions,
-                                attn_mask=attn)
+                                attn_mask=attn, real_tokens=real)
         h = h[:, :-1][where]  # (N, D)
         logits = model.lm_head(h).float()
     ce = F.cross_entropy(logits, labels[where], reduction="sum")
