@@ -34,7 +34,14 @@ from smolvlm.train.run_dir import (
     save_checkpoint,
     save_final,
 )
-from smolvlm.train.setup import build_train_model, load_teacher, lr_factor, param_groups, set_trainable
+from smolvlm.train.setup import (
+    build_train_model,
+    keep_freed_memory,
+    load_teacher,
+    lr_factor,
+    param_groups,
+    set_trainable,
+)
 
 
 @dataclass
@@ -195,7 +202,8 @@ def stage_optimizer(model: VLM, cfg: TrainConfig, stage: Stage, stage_step: int,
     set_trainable(model, stage.train)
     groups = param_groups(model, cfg.optim)
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), foreach=True)
+    # fused: one kernel over all parameters, not a dozen ops per parameter list
+    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), fused=True)
     if state is not None and stage_step > 0:
         optimizer.load_state_dict(state["optimizer"])
     return optimizer, params
@@ -290,6 +298,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
     out = Path(out)
     dist = init_distributed()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world))
+    keep_freed_memory()
     if dist.main:
         prepare_run_dir(out, cfg, resume, preset)
     dist.barrier()
