@@ -305,6 +305,8 @@ RULES: list[Rule] = [
          needs=("transformers",), check=json_out, timeout=400),
     Rule(r"\.venv/bin/python benchmarks/cpu_limits\.py\b", "one iteration", append="--iters 1 --json",
          check=json_out),
+    Rule(r"\.venv/bin/python benchmarks/train_step\.py\b", "2 steps, 1 round",
+         append="--steps 2 --rounds 1 --json", check=json_out),
     Rule(r"\.venv/bin/python -m smolvlm\.runtime\.kernels$", "builds (or finds) the C++ kernels"),
     # ---- your CPU
     Rule(r"(SMOLVLM_CPU=avx2 )?smolvlm doctor$", "the CPU report", check=stdout_has("level:")),
