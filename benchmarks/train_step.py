@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds of each way, alternating (default 3)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1")
     torch.set_num_threads(args.threads)
     cfg = resolve_config("shapes-tiny", None, ["data.curriculum_steps=0"])
     model, processor = build_train_model(cfg.model, cfg.seed)
@@ -42,8 +44,8 @@ def main() -> None:
     dist, stage = init_distributed(), cfg.stages[0]
     optimizer, params = stage_optimizer(model, cfg, stage, 0, None)
     model.train()
-    for i in range(3):  # warm-up: one-off allocations, oneDNN primitives
-        optimizer_step(model, None, optimizer, params, skipped[i], cfg, stage, dist, i)
+    for i, step in enumerate(skipped[:3]):  # warm-up: one-off allocations, oneDNN primitives
+        optimizer_step(model, None, optimizer, params, step, cfg, stage, dist, i)
     times: dict[str, list[float]] = {"skipped": [], "padded": []}
     for _ in range(args.rounds):
         for name, steps in (("skipped", skipped), ("padded", padded)):
