@@ -1,13 +1,13 @@
-"""Check the README's demo headline against a `smolvlm demo` output folder.
+"""Check a `smolvlm demo` output folder against the demo's bars.
 
     make demo                                              # or: smolvlm demo --out demo-out --force
     .venv/bin/python benchmarks/check_demo.py demo-out     # or the path of its metrics.json
 
 Reads DIR/metrics.json (written by src/smolvlm/demo.py) and checks the bars the demo is held to
 (docs/training.md): held-out VQA accuracy >= 0.85, >= 0.40 above the blind (text-only) baseline, no
-question type below 0.60, and a caption CIDEr-D near the README's figure (>= 5.0, the README's 5.35
-less some run-to-run room). Each line prints the measured figure beside its bar and the README's figure;
-the exit code is 1 when a figure is below its bar, 2 when the file cannot be read.
+question type below 0.60, and a caption CIDEr-D >= 5.0. Each line prints the measured figure beside its bar (the
+README's figures are runs of their own, and move with the steps a machine's speed buys); the exit code is 1 when
+a figure is below its bar, 2 when the file cannot be read.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ class Claim:
     name: str
     value: float
     bar: float
-    readme: str  # the figure the README states
     signed: bool = False  # print as a difference (+0.526)
 
     @property
@@ -64,10 +63,10 @@ def demo_claims(m: dict, where: str) -> list[Claim]:
     types = {t: number(per_type, t, f"{where} per_type") for t in per_type}
     lowest = min(types, key=types.get)
     return [
-        Claim("held-out VQA accuracy", acc, 0.85, "0.911"),
-        Claim("above the blind baseline", acc - blind, 0.40, "+0.526", signed=True),
-        Claim(f"lowest question type ({lowest})", types[lowest], 0.60, "count 0.80"),
-        Claim("caption CIDEr-D", number(m, "caption_cider", where), 5.0, "5.35"),
+        Claim("held-out VQA accuracy", acc, 0.85),
+        Claim("above the blind baseline", acc - blind, 0.40, signed=True),
+        Claim(f"lowest question type ({lowest})", types[lowest], 0.60),
+        Claim("caption CIDEr-D", number(m, "caption_cider", where), 5.0),
     ]
 
 
@@ -77,7 +76,7 @@ def report(claims: list[Claim]) -> int:
         value = f"{c.value:+.3f}" if c.signed else f"{c.value:.3f}"
         bar = f"{c.bar:+.2f}" if c.signed else f"{c.bar:.2f}"
         verdict = "ok" if c.holds else "BELOW THE BAR"
-        print(f"  {c.name:<{width}}  {value:>7}  bar >= {bar:<5}  README {c.readme:<10}  {verdict}")
+        print(f"  {c.name:<{width}}  {value:>7}  bar >= {bar:<5}  {verdict}")
     failed = [c for c in claims if not c.holds]
     print(f"{len(claims) - len(failed)} of {len(claims)} claims hold" + (f"; below: {', '.join(c.name for c in failed)}"
                                                                          if failed else ""))
