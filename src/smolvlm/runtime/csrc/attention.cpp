@@ -23,6 +23,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "attention_args.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -188,20 +190,11 @@ bool attention_supported(int64_t head_dim) { return head_dim == kDim; }
 
 at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& key_mask, bool causal, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes(), "attention: q (B, T, H, D), k, v (B, S, Hkv, D)");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-                  v.scalar_type() == at::kBFloat16, "attention: bf16 only");
-  TORCH_CHECK(q.size(3) == kDim && k.size(3) == kDim && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-              "attention: head dim 64, contiguous");
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), S = k.size(1), Hkv = k.size(2);
-  TORCH_CHECK(k.size(0) == B && Hkv > 0 && H % Hkv == 0, "attention: batch sizes differ or H is not a multiple of Hkv");
-  TORCH_CHECK(!causal || T <= S, "attention: causal needs at least as many keys as queries");
+  const smolvlm::AttentionArgs a =
+      smolvlm::attention_args(q, k, v, key_mask, causal, kDim, at::kBFloat16, "attention: bf16 only");
+  const int64_t B = a.B, T = a.T, H = a.H, S = a.S, Hkv = a.Hkv;
+  const at::Tensor& mask = a.mask;
   const int64_t S_pad = (S + kKeys - 1) / kKeys * kKeys, group = H / Hkv;
-  at::Tensor mask;
-  if (key_mask.has_value() && key_mask->defined()) {
-    mask = key_mask->to(at::kBool).contiguous();
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S, "attention: key_mask (B, S)");
-  }
   at::Tensor out = at::empty({B, T, H, kDim}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || T == 0 || H == 0) return out;
   if (S == 0) return out.zero_();
