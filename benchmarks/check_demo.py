@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/check_demo.py demo-out     # or the path of its metrics.json
 
 Reads DIR/metrics.json (written by src/smolvlm/demo.py) and checks the bars the demo is held to
-(docs/training.md): held-out VQA accuracy >= 0.85, >= 0.40 above the blind (text-only) baseline, no
-question type below 0.60, and a caption CIDEr-D >= 5.0. Each line prints the measured figure beside its bar (the
-README's figures are runs of their own, and move with the steps a machine's speed buys); the exit code is 1 when
-a figure is below its bar, 2 when the file cannot be read.
+(docs/training.md): held-out VQA accuracy >= 0.85, >= 0.40 above the blind baseline (metrics.json's "blind":
+the answer prior by default), no question type below 0.60, and a caption CIDEr-D >= 5.0. Each line prints the
+measured figure beside its bar (the README's figures are runs of their own, and move with the steps a machine's
+speed buys); the exit code is 1 when a figure is below its bar, 2 when the file cannot be read.
 """
 
 from __future__ import annotations

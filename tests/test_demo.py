@@ -29,24 +29,23 @@ def _plan_seconds(plan, seconds_per_step):
 
 def test_plan_keeps_the_preset_steps_when_they_fit():
     plan = plan_steps(1800, 0.25, 590.0)
-    assert (plan.steps, plan.blind_steps, plan.configured) == (1800, 400, 1800)
+    assert (plan.steps, plan.blind_steps, plan.configured) == (1800, 0, 1800)
 
 
-def test_plan_trains_fewer_steps_on_a_slower_cpu_and_fits_the_budget():
-    plan = plan_steps(1800, 0.33, 590.0)
-    assert 450 <= plan.steps < 1800 and plan.blind_steps == 400
-    assert _plan_seconds(plan, 0.33) <= 590.0  # fits...
-    bigger = type(plan)(plan.steps + 1, min(400, (plan.steps + 1) // 2), 1800, 0.33)
-    assert _plan_seconds(bigger, 0.33) > 590.0  # ...and is the longest that does
-    # the blind baseline follows the model's steps (half, at most 400) unless it is given
-    short = plan_steps(1800, 0.5, 600.0)
-    assert short.blind_steps == short.steps // 2 < 400 and _plan_seconds(short, 0.5) <= 600.0
-    assert plan_steps(1800, 0.5, 600.0, blind_steps=10).blind_steps == 10
+@pytest.mark.parametrize("blind_steps", [None, 400])
+def test_plan_trains_fewer_steps_on_a_slower_cpu_and_fits_the_budget(blind_steps):
+    plan = plan_steps(1800, 0.4, 590.0, blind_steps)
+    assert 450 <= plan.steps < 1800 and plan.blind_steps == (blind_steps or 0)
+    assert _plan_seconds(plan, 0.4) <= 590.0  # fits...
+    bigger = type(plan)(plan.steps + 1, plan.blind_steps, 1800, 0.4)
+    assert _plan_seconds(bigger, 0.4) > 590.0  # ...and is the longest that does
+    # a trained baseline's steps come out of the model's
+    assert plan_steps(1800, 0.4, 590.0, 400).steps < plan_steps(1800, 0.4, 590.0).steps
 
 
 def test_plan_refuses_a_budget_that_buys_almost_nothing():
     with pytest.raises(SmolVLMError, match="raise --minutes or pass --minutes 0"):
-        plan_steps(1800, 0.33, 120.0)
+        plan_steps(1800, 0.33, 180.0)
 
 
 @pytest.mark.parametrize("args, message", [(["--minutes", "-1"], "--minutes must be >= 0"),
@@ -62,7 +61,7 @@ def test_demo_refuses_bad_options_in_one_line(tmp_path, args, message):
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     p = subprocess.run(
-        [sys.executable, "-m", "smolvlm.cli", "demo", "--out", str(out), "--preset", "test-tiny", "--blind-steps", "3",
+        [sys.executable, "-m", "smolvlm.cli", "demo", "--out", str(out), "--preset", "test-tiny",
          "--test-images", "12", "--no-progress", "--json", "threads=1"],
         capture_output=True, text=True, timeout=600,
     )
@@ -80,7 +79,10 @@ def test_demo_writes_what_it_promises(demo_dir):
     assert metrics["caption_cider"] >= 0.0 and metrics["wall_s"] > 0
     # the default 10-minute budget probed this CPU and kept all of test-tiny's 8 steps; the probe left no run behind
     assert metrics["probe_s_per_step"] > 0 and metrics["train_steps"] == metrics["preset_steps"] == 8
-    assert not (out / "runs" / "probe").exists() and metrics["blind_train_steps"] == 3
+    assert not (out / "runs" / "probe").exists()
+    # the default blind baseline is the answer prior: no text-only model was trained
+    assert metrics["blind"] == "answer prior" and metrics["blind_train_steps"] == 0
+    assert metrics["blind_prior_questions"] > 1000 and not (out / "runs" / "blind").exists()
     lines = (out / "data" / "test" / "questions.jsonl").read_text().splitlines()
     assert len(lines) == 48
     first = json.loads(lines[0])
@@ -91,6 +93,22 @@ def test_demo_writes_what_it_promises(demo_dir):
     assert len(preds) == 48 and not any("<" in p["prediction"] + p["blind_prediction"] for p in preds)
     report = (out / "report.md").read_text()
     assert "VQA accuracy" in report and "![accuracy_by_type.png]" in report
+
+
+def test_demo_trains_a_text_only_baseline_when_asked(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run(
+        [sys.executable, "-m", "smolvlm.cli", "demo", "--out", str(out), "--preset", "test-tiny", "--blind-steps", "3",
+         "--test-images", "4", "--minutes", "0", "--no-progress", "--json", "threads=1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    metrics = json.loads(p.stdout)
+    assert metrics["blind"] == "text-only model" and metrics["blind_train_steps"] == 3
+    assert (out / "runs" / "blind" / "model" / "config.json").is_file()
+    assert "a text-only model trained 3 steps" in (out / "report.md").read_text()
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 16 and all(isinstance(r["blind_prediction"], str) for r in preds)
 
 
 def test_generate_agrees_with_the_demo_answers(demo_dir):

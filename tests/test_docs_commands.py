@@ -68,7 +68,7 @@ def assets(tmp_path_factory) -> Path:
     store = a.parent / (a.name + "-folders")  # folders made here, linked into `a` under their documented names
     make_tiny_checkpoint(store / "ckpt")
     link(store / "ckpt", a / "ckpt")
-    for name in ("runs/a/model", "demo-out/model", "demo-out/blind/model", "path/to/SmolVLM-256M-Instruct"):
+    for name in ("runs/a/model", "demo-out/model", "path/to/SmolVLM-256M-Instruct"):
         link(a / "ckpt", a / name)
     photos = {"photo.jpg": V / "images/vqav2/COCO_val2014_000000262148.jpg",  # 640x512
               "a.png": V / "images/vision_reader/png_example.png", "b.png": V / "images/nlvr2/train-10171-0-img1.png",

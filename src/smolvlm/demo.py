@@ -2,9 +2,10 @@
 
     shapes world -> DIR/data/{test,compositional}/ (images + questions.jsonl + captions.jsonl)
     time budget (--minutes, default 10): a few probe steps time this CPU and refuse a budget too small
-        (plan_steps); the baseline's steps follow from the plan
-    train a text-only ("blind") baseline on the same questions (DIR/runs/blind) and evaluate it, which times
-        this CPU's evaluation
+        (plan_steps)
+    the blind baseline: each held-out question answered with its most common answer in the training data
+        (smolvlm.eval.answer_prior; seconds), or with --blind-steps N a text-only model trained N steps
+        (DIR/runs/blind)
     train the demo model from scratch (DIR/runs/main) -> DIR/model (a SmolVLM checkpoint): the preset's steps,
         or as many as fit what the budget has left after the model's own evaluation (train's max_minutes)
     evaluate it on the same held-out questions (smolvlm eval's shapes tasks) -> DIR/metrics.json, DIR/*.png,
@@ -82,6 +83,8 @@ def prepare_out(out: Path, force: bool) -> None:
 
 
 def plot_results(out: Path, metrics: dict, main_rows: list[dict], blind_rows: list[dict]) -> list[str]:
+    """The accuracy per question type against the blind baseline's, and the loss curves (blind_rows: a trained
+    blind model's metrics rows, or none)."""
     try:
         import matplotlib
 
@@ -106,11 +109,14 @@ def plot_results(out: Path, metrics: dict, main_rows: list[dict], blind_rows: li
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for rows, label in ((main_rows, "model"), (blind_rows, "blind baseline")):
+        if not rows:
+            continue
         ax.plot([r["elapsed_s"] for r in rows], [r["loss"] for r in rows], lw=0.8, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("loss per answer token")
-    ax.legend()
+    if blind_rows:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
@@ -146,7 +152,7 @@ def write_report(out: Path, metrics: dict, samples: list[dict], plots: list[str]
         f"{metrics['train_steps']} steps in {metrics['train_s']:.0f} s on this CPU"
         + (f" (of the preset's {metrics['preset_steps']}: what the {metrics['budget_minutes']:g}-minute budget buys "
            f"at {metrics['probe_s_per_step']:.3f} s/step)" if metrics["train_steps"] < metrics["preset_steps"] else "")
-        + f"; the blind (text-only) baseline for {metrics['blind_train_steps']} steps.", "",
+        + "; " + blind_description(metrics) + ".", "",
         "| | model | blind baseline |", "|---|---|---|",
         f"| VQA accuracy (test, {metrics['n_test_questions']} questions) | {metrics['vqa_accuracy']:.3f} | "
         f"{metrics['blind_vqa_accuracy']:.3f} |",
@@ -168,40 +174,40 @@ def write_report(out: Path, metrics: dict, samples: list[dict], plots: list[str]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
-BLIND_STEPS = 400  # at most; half the model's steps when that is fewer
 DEMO_MINUTES = 10.0  # the whole demo's wall-clock budget by default (`make demo`'s bar)
 # What the demo costs besides the model's own steps, in units of one model step on the same CPU (measured on
-# the full demo: a blind step costs 0.8 of a seeing one, evaluating both models and saving ~155 steps' time);
-# they turn one probe's speed into a plan for the whole demo.
+# the full demo: a step of a trained blind baseline costs 0.8 of a seeing one; the answer prior, evaluating and
+# saving well under 160 steps' time); they turn one probe's speed into a plan for the whole demo.
 BLIND_STEP_COST = 0.8
 RESERVE_STEPS = 160
+MODEL_EVAL_STEPS = 50  # the model's evaluation, when no trained baseline's evaluation timed it (~20 measured)
+# training examples whose questions the answer prior counts (~128k questions of ~1.6k texts for shapes-tiny:
+# a few seconds, and its accuracy on the test questions no longer moves by more than the counts' sampling)
+PRIOR_EXAMPLES = 20_000
 PROBE_STEPS = 10  # timed steps, after one untimed (it pays one-off costs)
 EVAL_MARGIN = 1.15  # the model's evaluation against the blind one's: the same questions, answers of similar length
 FINISH_SECONDS = 25.0  # sample answers, plots, report, the interpreter's exit (20 was short on a float32 demo)
 MIN_STEP_SHARE = 0.25  # a budget that buys fewer of the preset's steps than this is refused, not run
 
 
-def default_blind_steps(main_steps: int) -> int:
-    return min(BLIND_STEPS, max(50, main_steps // 2))
-
-
 @dataclasses.dataclass
 class StepPlan:
     steps: int  # the model's training steps
-    blind_steps: int
+    blind_steps: int  # a trained blind baseline's; 0 = the answer prior
     configured: int  # the preset's steps
     seconds_per_step: float  # probed; 0 = not probed (no budget)
 
 
 def plan_steps(configured: int, seconds_per_step: float, seconds_left: float,
                blind_steps: int | None = None) -> StepPlan:
-    """The most model steps, up to the preset's, for which the model, the blind baseline (default_blind_steps
-    unless given) and evaluation fit in seconds_left at seconds_per_step. Raises when that is fewer than
-    MIN_STEP_SHARE of the preset's steps (a demo that short would show nothing)."""
+    """The most model steps, up to the preset's, for which the model, the blind baseline (blind_steps of a
+    trained one; None: the answer prior) and evaluation fit in seconds_left at seconds_per_step. Raises when that
+    is fewer than MIN_STEP_SHARE of the preset's steps (a demo that short would show nothing)."""
     affordable = seconds_left / max(seconds_per_step, 1e-9) - RESERVE_STEPS  # in model steps
+    blind_steps = blind_steps or 0
 
     def cost(n: int) -> float:
-        return n + BLIND_STEP_COST * (blind_steps if blind_steps is not None else default_blind_steps(n))
+        return n + BLIND_STEP_COST * blind_steps
 
     n = configured
     if cost(n) > affordable:  # cost is increasing in n: bisect for the largest n that fits
@@ -215,8 +221,7 @@ def plan_steps(configured: int, seconds_per_step: float, seconds_left: float,
         raise SmolVLMError(f"the time budget leaves {max(0.0, seconds_left) / 60:.1f} min, and this CPU trains at "
                            f"{seconds_per_step:.2f} s/step: even a short demo needs ~{need:.0f} min; raise --minutes "
                            "or pass --minutes 0 (the preset's steps, however long they take)")
-    return StepPlan(n, blind_steps if blind_steps is not None else default_blind_steps(n), configured,
-                    seconds_per_step)
+    return StepPlan(n, blind_steps, configured, seconds_per_step)
 
 
 def probe_seconds_per_step(cfg, folder: Path) -> float:
@@ -234,13 +239,63 @@ def probe_seconds_per_step(cfg, folder: Path) -> float:
     return (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / max(1, len(rows) - 1)
 
 
+def answer_prior(cfg):
+    """The blind baseline of cfg's training data: smolvlm.eval.answer_prior over PRIOR_EXAMPLES examples."""
+    from smolvlm.eval.answer_prior import AnswerPrior
+    from smolvlm.train import ShapesTrainingData
+
+    return AnswerPrior.fit(ShapesTrainingData(cfg.data, cfg.batch_size).training_questions(PRIOR_EXAMPLES))
+
+
+def evaluate_prior(prior, data_dir: Path) -> dict:
+    """evaluate_model's VQA results for the answer prior: the same questions, the same scorer; no captions."""
+    from smolvlm.eval.options import EvalOptions
+    from smolvlm.eval.runner import score_vqa
+    from smolvlm.eval.tasks import load_task_data
+
+    result: dict = {"prior_questions": prior.questions}
+    t0 = time.time()
+    for split in ("test", "compositional"):
+        folder = data_dir / split
+        opts = EvalOptions(data=str(folder), limit=len(read_jsonl(folder / "questions.jsonl")))
+        examples = load_task_data("shapes-vqa", opts).examples
+        answers = [prior.answer(ex.prompt, ex.meta.get("question_type")) for ex in examples]
+        scores = score_vqa(examples, {ex.id: a for ex, a in zip(examples, answers, strict=True)})
+        result[split] = {"accuracy": scores["accuracy"], "n": len(examples),
+                         "per_type": dict(sorted(scores["per_answer_type"].items())), "answers": answers}
+    result["eval_s"] = time.time() - t0
+    return result
+
+
+def train_blind(cfg, steps: int, folder: Path, progress: bool):
+    """A text-only model trained `steps` steps with the model's recipe and data, images dropped. No curriculum:
+    that only teaches looking, and a blind model must see the test-time question mix."""
+    from smolvlm.train import Stage, train
+
+    blind_cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, blind=True, image_positions=False),
+        data=dataclasses.replace(cfg.data, curriculum_steps=0),
+        stages=[Stage(name="blind", steps=steps, train=["decoder"],
+                      warmup_steps=min(cfg.stages[0].warmup_steps, steps // 2))],
+    )
+    print(f"training the blind baseline ({steps} steps)", file=sys.stderr)
+    return train(blind_cfg, folder, progress=progress)
+
+
+def blind_description(m: dict) -> str:
+    if m.get("blind") == "text-only model":
+        return f"the blind baseline: a text-only model trained {m['blind_train_steps']} steps"
+    return (f"the blind baseline: each question's most common answer in the training data "
+            f"({m['blind_prior_questions']:,} training questions counted)")
+
+
 def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] | None = None,
              blind_steps: int | None = None, test_images: int = 300, compositional_images: int = 100,
              force: bool = False, progress: bool = True, minutes: float = DEMO_MINUTES) -> dict:
     from smolvlm.cli.options import load_for_inference
     from smolvlm.data.shapes import ShapesWorld, WorldConfig
     from smolvlm.runtime import kernels
-    from smolvlm.train import Stage, resolve_config, train
+    from smolvlm.train import resolve_config, train
 
     t_start = time.time()
     out = Path(out)
@@ -263,38 +318,34 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
     # own max_minutes budgets itself.
     budgeted = minutes > 0 and cfg.max_minutes == 0
     # the C++ kernels the evaluations use, loaded now: a first build (or a rebuild after a change) is then said up
-    # front and kept out of the baseline's evaluation, whose time budgets the model's own
+    # front and kept out of the timed probe and evaluations
     kernels.extension()
-    plan = StepPlan(cfg.total_steps, blind_steps if blind_steps is not None else
-                    default_blind_steps(cfg.total_steps), cfg.total_steps, 0.0)
+    plan = StepPlan(cfg.total_steps, blind_steps or 0, cfg.total_steps, 0.0)
     if budgeted:
         speed = probe_seconds_per_step(cfg, out / "runs" / "probe")
         plan = plan_steps(cfg.total_steps, speed, minutes * 60 - (time.time() - t_start), blind_steps)
         print(f"this CPU: {speed:.3f} s/step; about {plan.steps} of the preset's {plan.configured} steps fit the "
               f"{minutes:g}-minute budget", file=sys.stderr)
 
-    # the blind baseline first: same recipe and data, no images; it learns the answer priors quickly (its loss is
-    # flat from ~400 steps: 0.415 over steps 400-499 and 500-599 of a 600-step run), so it stops at 400. No
-    # curriculum: that only teaches looking, and a blind model must see the test-time question mix. Its
-    # evaluation also times this CPU's evaluation, which the model's budget then leaves room for.
-    n_blind = plan.blind_steps
-    blind_cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, blind=True, image_positions=False),
-        data=dataclasses.replace(cfg.data, curriculum_steps=0),
-        stages=[Stage(name="blind", steps=n_blind, train=["decoder"],
-                      warmup_steps=min(cfg.stages[0].warmup_steps, n_blind // 2))],
-    )
-    print(f"training the blind baseline ({n_blind} steps)", file=sys.stderr)
-    blind = train(blind_cfg, out / "runs" / "blind", progress=progress)
-    # loaded from disk as `smolvlm generate` loads them (--dtype auto, this CPU's fast paths), so the answers
-    # are the ones reported
-    blind_eval = evaluate_model(*load_for_inference(str(blind.model_dir)), "blind", data_dir, progress=progress)
+    if blind_steps is None:
+        print(f"counting the answer prior (the blind baseline) over {PRIOR_EXAMPLES:,} training examples",
+              file=sys.stderr)
+        t0 = time.time()
+        prior = answer_prior(cfg)
+        blind, blind_eval = None, {**evaluate_prior(prior, data_dir), "fit_s": time.time() - t0}
+        model_eval_s = MODEL_EVAL_STEPS * plan.seconds_per_step
+    else:
+        blind = train_blind(cfg, blind_steps, out / "runs" / "blind", progress)
+        # loaded from disk as `smolvlm generate` loads them (--dtype auto, this CPU's fast paths), so the answers
+        # are the ones reported; its evaluation times this CPU's, which the model's budget then leaves room for
+        blind_eval = evaluate_model(*load_for_inference(str(blind.model_dir)), "blind", data_dir, progress=progress)
+        model_eval_s = EVAL_MARGIN * blind_eval["eval_s"]
 
     if budgeted:
-        # what is left, less the model's evaluation (timed on the blind one's) and the report, is the model's
-        # training budget: train() times its first steps and trains the preset's steps, or as many as fit with the
-        # schedule rescaled (budget_may_extend=false: never more than the preset's)
-        left = minutes * 60 - (time.time() - t_start) - EVAL_MARGIN * blind_eval["eval_s"] - FINISH_SECONDS
+        # what is left, less the model's evaluation and the report, is the model's training budget: train()
+        # times its first steps and trains the preset's steps, or as many as fit with the schedule rescaled
+        # (budget_may_extend=false: never more than the preset's)
+        left = minutes * 60 - (time.time() - t_start) - model_eval_s - FINISH_SECONDS
         if left < MIN_STEP_SHARE * cfg.total_steps * plan.seconds_per_step:
             raise SmolVLMError(f"the baseline and its evaluation left {max(0.0, left) / 60:.1f} min for the model: "
                                "too little for a demo worth reading; raise --minutes or pass --minutes 0")
@@ -324,14 +375,17 @@ def run_demo(out: str | Path, preset: str = "shapes-tiny", overrides: list[str] 
         "preset_steps": plan.configured,
         "probe_s_per_step": round(plan.seconds_per_step, 4),
         "budget_minutes": minutes,
-        "blind_train_steps": blind.steps,
+        "blind": "answer prior" if blind is None else "text-only model",
+        "blind_train_steps": 0 if blind is None else blind.steps,
+        "blind_prior_questions": blind_eval.get("prior_questions", 0),
         "train_s": round(main.wall_s, 1),
-        "blind_train_s": round(blind.wall_s, 1),
+        "blind_train_s": round(blind_eval["fit_s"] if blind is None else blind.wall_s, 1),
         "eval_s": round(seeing["eval_s"] + blind_eval["eval_s"], 1),
         "preset": preset,
         "overrides": overrides or [],
     }
-    plots = plot_results(out, metrics, read_metrics(out / "runs" / "main"), read_metrics(out / "runs" / "blind"))
+    plots = plot_results(out, metrics, read_metrics(out / "runs" / "main"),
+                         [] if blind is None else read_metrics(out / "runs" / "blind"))
     write_report(out, metrics, samples, plots)
     atomic_write_jsonl(out / "samples.jsonl", samples)
     _write_predictions(out / "predictions.jsonl", data_dir, seeing, blind_eval)
@@ -351,8 +405,8 @@ def format_table(m: dict) -> str:
     rows += [(f"  {t}", f"{v:.3f}", f"{m['blind_per_type'][t]:.3f}") for t, v in m["per_type"].items()]
     rows += [("compositional", f"{m['compositional_accuracy']:.3f}", f"{m['blind_compositional_accuracy']:.3f}"),
              ("caption CIDEr-D", f"{m['caption_cider']:.3f}", "-"),
-             ("train steps", str(m["train_steps"]), str(m["blind_train_steps"])),
-             ("train time (s)", f"{m['train_s']:.0f}", f"{m['blind_train_s']:.0f}")]
+             ("train steps", str(m["train_steps"]), str(m["blind_train_steps"] or "-")),
+             ("time (s)", f"{m['train_s']:.0f}", f"{m['blind_train_s']:.0f}")]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w}}  {b:>7}  {c:>7}" for a, b, c in rows)
 
@@ -368,7 +422,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="shapes-tiny", help="training preset (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     p.add_argument("--blind-steps", type=int, metavar="N",
-                   help="blind baseline steps (default: half the model's, at most 400)")
+                   help="train a text-only model for N steps as the blind baseline (default: the answer prior, "
+                        "each question's most common answer in the training data, the strongest blind answerer)")
     p.add_argument("--minutes", type=float, default=DEMO_MINUTES, metavar="M",
                    help="wall-clock budget of the whole demo: a slower CPU trains fewer of the preset's steps "
                         "(default: %(default)s; 0 = the preset's steps however long they take)")

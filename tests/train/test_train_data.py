@@ -40,3 +40,22 @@ def test_llava_dataset_errors(tmp_path):
     data.write_text(json.dumps(records[:1]))
     result = train(resolve_config("test-tiny", None, over), tmp_path / "r3", progress=False)
     assert result.model_dir is not None and len(losses(tmp_path / "r3")) == 2
+
+
+def test_training_questions_are_the_questions_the_model_is_trained_on():
+    """The answer prior (the demo's blind baseline) counts training_questions: they must be the very turns of the
+    training conversations after the curriculum, drawn without rendering."""
+    from smolvlm.train import ShapesTrainingData
+
+    cfg = resolve_config("shapes-tiny", None, ["data.curriculum_steps=3"])
+    data = ShapesTrainingData(cfg.data, cfg.batch_size)
+    start = 3 * cfg.batch_size
+    turns = []
+    for i in range(start, start + 40):
+        conv = data.conversation(i)
+        if conv.task == "vqa":
+            texts = [m["content"] if isinstance(m["content"], str) else
+                     "".join(p["text"] for p in m["content"] if p.get("type") == "text") for m in conv.messages]
+            turns += list(zip(texts[0::2], texts[1::2], strict=True))
+    drawn = [(q.question, q.answer) for q in data.training_questions(40)]
+    assert len(drawn) > 100 and drawn == turns

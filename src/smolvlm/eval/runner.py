@@ -20,7 +20,7 @@ from smolvlm.eval.run_folder import PeakMemory, RunFolder, read_predictions
 from smolvlm.eval.tasks import SUITE_TASKS, TaskData, load_task_data
 from smolvlm.files import atomic_write_text
 
-__all__ = ["run_suite", "run_task", "score_task", "suite_markdown", "task_predictions"]
+__all__ = ["run_suite", "run_task", "score_task", "score_vqa", "suite_markdown", "task_predictions"]
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -45,16 +45,7 @@ def score_task(task: str, data: TaskData, run: RunFolder, opts: EvalOptions) -> 
         result["warnings"] = res.warnings
         return result
     if task in ("vqav2", "shapes-vqa"):
-        from smolvlm.eval.vqa_metric import evaluate_vqa
-
-        missing = [ex.id for ex in data.examples if not ex.gold]
-        if missing:
-            raise SmolVLMError(f"{len(missing)} question(s) have no human answers (e.g. {missing[:3]}); "
-                               "VQA accuracy needs the annotations of a train/val split")
-        qs = [{"question_id": ex.id, "answers": ex.gold, **ex.meta} for ex in data.examples]
-        res = evaluate_vqa(preds, qs)
-        result.update({"accuracy": res.overall, "per_answer_type": res.per_answer_type,
-                       "official": res.official()})
+        result.update(score_vqa(data.examples, preds))
         return result
     if task in ("gqa", "shapes-gqa"):
         from smolvlm.eval.accuracy import gqa_accuracy
@@ -67,6 +58,19 @@ def score_task(task: str, data: TaskData, run: RunFolder, opts: EvalOptions) -> 
     res = nlvr2_accuracy(preds, {ex.id: ex.gold for ex in data.examples})
     result.update({"accuracy": res.overall, "unparsed_answers": res.unparsed})
     return result
+
+
+def score_vqa(examples: list, preds: dict) -> dict:
+    """VQA accuracy (the official metric) of preds (example id -> answer): overall, per answer type, and the
+    official evaluation's own result layout."""
+    from smolvlm.eval.vqa_metric import evaluate_vqa
+
+    missing = [ex.id for ex in examples if not ex.gold]
+    if missing:
+        raise SmolVLMError(f"{len(missing)} question(s) have no human answers (e.g. {missing[:3]}); "
+                           "VQA accuracy needs the annotations of a train/val split")
+    res = evaluate_vqa(preds, [{"question_id": ex.id, "answers": ex.gold, **ex.meta} for ex in examples])
+    return {"accuracy": res.overall, "per_answer_type": res.per_answer_type, "official": res.official()}
 
 
 def _score_retrieval(examples: list, rows: dict) -> dict:

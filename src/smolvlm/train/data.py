@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -52,27 +53,37 @@ class ShapesTrainingData:
             raise SmolVLMError("the dataset is empty: give data.tasks a positive weight and data.train_scenes >= 1")
 
     def conversation(self, i: int) -> Conversation:
-        from smolvlm.data.shapes import (
-            CAPTION_PROMPTS,
-            PAIR_PROMPT,
-            captions,
-            make_pair,
-            make_scene,
-            questions,
-            stable_seed,
-        )
+        from smolvlm.data.shapes import CAPTION_PROMPTS, PAIR_PROMPT, captions
+
+        ex = self.draw(i)
+        if ex.task == "pairs":
+            left, right, statement, label = ex.pair
+            conv = qa_conversation([self.world.render(left), self.world.render(right)],
+                                   [(PAIR_PROMPT.format(statement), "yes" if label else "no")], ex.task)
+            conv.caption = ex.caption_rng.choice(captions(left))
+            return conv
+        image = self.world.render(ex.scene)
+        if ex.task == "caption":
+            conv = qa_conversation([image], [(ex.rng.choice(CAPTION_PROMPTS), ex.rng.choice(captions(ex.scene)))],
+                                   ex.task)
+        else:
+            conv = qa_conversation([image], [(q.question, q.answer) for q in ex.questions], ex.task)
+            conv.independent_turns = self.spec.independent_turns
+        conv.caption = ex.caption_rng.choice(captions(ex.scene))
+        return conv
+
+    def draw(self, i: int) -> ShapesExample:
+        """Example i before any image is rendered: its task, scene (or pair) and questions, and the generators
+        that pick the rest (prompts, captions)."""
+        from smolvlm.data.shapes import make_pair, make_scene, questions, stable_seed
 
         rng = random.Random(stable_seed("train-example", self.spec.seed, i))
         # the contrastive loss's caption draws from its own generator, so the examples stay as they were
         caption_rng = random.Random(stable_seed("train-caption", self.spec.seed, i))
         task = rng.choices(self.tasks, weights=self.weights)[0]
         if task == "pairs":
-            left, right, statement, label = make_pair(self.world.cfg, "train", rng.randrange(self.spec.train_scenes),
-                                                      self.spec.seed)
-            conv = qa_conversation([self.world.render(left), self.world.render(right)],
-                                   [(PAIR_PROMPT.format(statement), "yes" if label else "no")], task)
-            conv.caption = caption_rng.choice(captions(left))
-            return conv
+            pair = make_pair(self.world.cfg, "train", rng.randrange(self.spec.train_scenes), self.spec.seed)
+            return ShapesExample(task, rng, caption_rng, pair=pair)
         world_cfg = self.world.cfg
         step = i // self.batch_size
         if step < self.spec.curriculum_steps:
@@ -83,22 +94,32 @@ class ShapesTrainingData:
         for _ in range(100):
             scene = make_scene(world_cfg, "train", rng.randrange(self.spec.train_scenes), self.spec.seed)
             if task == "caption":
-                break
+                return ShapesExample(task, rng, caption_rng, scene=scene)
             qs = questions(scene, rng, self.spec.questions_per_image, world_cfg, scheduled=False,
                            type_weights=self.spec.question_weights)
             if qs:
-                break
-        else:
-            raise SmolVLMError("the shapes world's scenes support none of its question_types; add question types "
-                               "or change the world")
-        image = self.world.render(scene)
-        if task == "caption":
-            conv = qa_conversation([image], [(rng.choice(CAPTION_PROMPTS), rng.choice(captions(scene)))], task)
-        else:
-            conv = qa_conversation([image], [(q.question, q.answer) for q in qs], task)
-            conv.independent_turns = self.spec.independent_turns
-        conv.caption = caption_rng.choice(captions(scene))
-        return conv
+                return ShapesExample(task, rng, caption_rng, scene=scene, questions=qs)
+        raise SmolVLMError("the shapes world's scenes support none of its question_types; add question types "
+                           "or change the world")
+
+    def training_questions(self, n_examples: int) -> Iterator:
+        """The questions (smolvlm.data.shapes.Question) of n_examples examples after the curriculum: what the
+        trained model is asked, in the mix it is asked it, without rendering a single image."""
+        start = self.spec.curriculum_steps * self.batch_size
+        for i in range(start, start + n_examples):
+            yield from self.draw(i).questions
+
+
+@dataclasses.dataclass
+class ShapesExample:
+    """One training example of the shapes world, drawn but not rendered (ShapesTrainingData.draw)."""
+
+    task: str  # vqa, caption or pairs
+    rng: random.Random  # where the example's remaining choices come from (caption prompt, caption)
+    caption_rng: random.Random  # the contrastive loss's caption
+    scene: object = None  # smolvlm.data.shapes.Scene (vqa, caption)
+    questions: list = dataclasses.field(default_factory=list)  # vqa: smolvlm.data.shapes.Question
+    pair: tuple | None = None  # pairs: (left scene, right scene, statement, label)
 
 
 class ConversationList:
