@@ -75,3 +75,22 @@ def test_a_budgeted_run_whose_steps_slow_down_shortens_its_plan_and_ends_by_it()
             assert schedule.total == 1800  # planned on 0.2 s steps: the configured 1800 fit (360 s at 0.2 s)
     assert not budget.spent and schedule.total == schedule.length == done
     assert 1250 < done < 1300 and seconds <= 360  # 300 at 0.2 s and the rest at 0.3 s fill the 6 minutes
+
+
+def test_a_finished_run_shuts_its_data_worker_down_itself(tmp_path):
+    """train() shuts its data worker down before it returns, whatever keeps its frame alive: a loader left to the
+    garbage collector is copied into the next run's forked worker, which prints "AssertionError: can only test a
+    child process" when it collects it."""
+    import gc
+    import multiprocessing
+
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    gc.collect()
+    gc.disable()  # as between two collections: only reference counts free anything
+    try:
+        train(resolve_config("test-tiny", None, ["workers=1", "stages.0.steps=3"]), tmp_path / "r", progress=False)
+        alive = [o for o in gc.get_objects() if type(o) is _MultiProcessingDataLoaderIter]
+        assert not alive and not multiprocessing.active_children()
+    finally:
+        gc.enable()

@@ -320,35 +320,41 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, max_steps: in
     loss_value = None
     # a budgeted run may be planned longer than configured: the loader runs on until the loop stops
     loader = iter(step_loader(dataset, start, UNPLANNED if budget.seconds else schedule.total, cfg.data_workers))
-    model.train()
-    step = start
-    while step < schedule.total:
-        stage_i, stage_step = stage_at(schedule.stages, step)
-        stage = schedule.stages[stage_i]
-        if stage_i != current_stage:
-            optimizer, params = stage_optimizer(model, cfg, stage, stage_step, state)
-            state, current_stage = None, stage_i  # a checkpoint's optimizer state is for the stage it resumes in
-        factor = lr_factor(stage_step, stage, cfg.optim.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor
+    try:
+        model.train()
+        step = start
+        while step < schedule.total:
+            stage_i, stage_step = stage_at(schedule.stages, step)
+            stage = schedule.stages[stage_i]
+            if stage_i != current_stage:
+                optimizer, params = stage_optimizer(model, cfg, stage, stage_step, state)
+                state, current_stage = None, stage_i  # a checkpoint's optimizer state is for the stage it resumes in
+            factor = lr_factor(stage_step, stage, cfg.optim.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * factor
 
-        t0 = time.time()
-        stats = optimizer_step(model, teacher, optimizer, params, next(loader), cfg, stage, dist, step)
-        seconds = time.time() - t0
-        loss_value = stats.loss
-        step += 1
-        train_seconds = clock.seconds()
-        if budget.seconds:
-            train_seconds = check_budget(budget, schedule, cfg, dist, step, train_seconds, bar)
+            t0 = time.time()
+            stats = optimizer_step(model, teacher, optimizer, params, next(loader), cfg, stage, dist, step)
+            seconds = time.time() - t0
+            loss_value = stats.loss
+            step += 1
+            train_seconds = clock.seconds()
+            if budget.seconds:
+                train_seconds = check_budget(budget, schedule, cfg, dist, step, train_seconds, bar)
 
-        if dist.main:
-            log_step(log, bar, step, stage, stats, optimizer, seconds, train_seconds, cfg)
-            if checkpoint_due(cfg, schedule, stage_i, step):
-                extra = {"train_seconds": train_seconds}
-                if schedule.planned:
-                    extra["planned_steps"] = [s.steps for s in schedule.stages]
-                save_checkpoint(out, step, model, optimizer, cfg.keep_checkpoints, extra)
-        dist.barrier()
+            if dist.main:
+                log_step(log, bar, step, stage, stats, optimizer, seconds, train_seconds, cfg)
+                if checkpoint_due(cfg, schedule, stage_i, step):
+                    extra = {"train_seconds": train_seconds}
+                    if schedule.planned:
+                        extra["planned_steps"] = [s.steps for s in schedule.stages]
+                    save_checkpoint(out, step, model, optimizer, cfg.keep_checkpoints, extra)
+            dist.barrier()
+    finally:
+        # the worker process is shut down here, by the process that started it: the loader left in this frame
+        # (frames can outlive their return in reference cycles) would be copied into the next forked worker,
+        # which then fails to shut it down ("can only test a child process")
+        del loader
     if bar is not None:
         bar.close()
     if log is not None:
