@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from reference import make_hf_smolvlm
+from smolvlm.runtime import cpu
 from smolvlm.special_tokens import smolvlm_added_tokens
 
 REPO = Path(__file__).resolve().parent.parent  # the clone: tests read nothing outside it
@@ -25,6 +26,23 @@ INSTALL = {
     "java": "apt-get install -y default-jre-headless (Java runs the official METEOR and PTB tokenizer jars)",
     "chromium": "apt-get install -y chromium (Debian's, at /usr/bin/chromium)",
 }
+
+
+# The highest ISA level this test run may use: this CPU's, or the lower one SMOLVLM_CPU sets for the whole run (with
+# ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA, a smaller CPU imitated on this one: torch's and oneDNN's kernels cannot
+# go above it either). Read once, before any test forces a level of its own.
+CPU_CEILING = cpu.level()
+
+
+def skip_above_ceiling(level: str) -> None:
+    """Skip (with the reason) a test of a level this run cannot use."""
+    if cpu.LEVELS.index(level) > cpu.LEVELS.index(CPU_CEILING):
+        why = "this CPU tops out at" if CPU_CEILING == cpu.detected_level() else f"{cpu.ENV} caps this run at"
+        pytest.skip(f"{why} {CPU_CEILING}, so level {level} cannot run here")
+
+
+def levels_up_to_ceiling() -> list[str]:
+    return list(cpu.LEVELS[:cpu.LEVELS.index(CPU_CEILING) + 1])
 
 
 def as_two_int8s(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
+from conftest import CPU_CEILING, skip_above_ceiling
 from serve_harness import Server, png_bytes, user
 from smolvlm.runtime import cpu
 
@@ -18,8 +19,7 @@ LEVELS = list(cpu.LEVELS)
 
 
 def smolvlm(*args: str, level: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop(cpu.ENV, None)
+    env = dict(os.environ)  # without a level: the run's own (SMOLVLM_CPU, if the whole run sets one)
     if level:
         env[cpu.ENV] = level
     return subprocess.run([sys.executable, "-m", "smolvlm.cli", *args], capture_output=True, text=True, env=env,
@@ -27,8 +27,7 @@ def smolvlm(*args: str, level: str | None = None, stdin: str | None = None) -> s
 
 
 def runnable(level: str) -> None:
-    if LEVELS.index(level) > LEVELS.index(cpu.detected_level()):
-        pytest.skip(f"this CPU tops out at {cpu.detected_level()}, so level {level} cannot run here")
+    skip_above_ceiling(level)
 
 
 def expected_dtype(level: str) -> str:
@@ -46,8 +45,8 @@ def test_doctor_reports_the_cpu_level_and_kernels():
     r = smolvlm("doctor", "--json")
     assert r.returncode == 0, r.stderr
     facts = json.loads(r.stdout)
-    assert facts["level"] == facts["level_detected"] == cpu.detected_level()
-    assert facts["dtype_auto"] == expected_dtype(cpu.detected_level())
+    assert facts["level"] == CPU_CEILING and facts["level_detected"] == cpu.detected_level()
+    assert facts["dtype_auto"] == expected_dtype(CPU_CEILING)
     assert set(facts["features"]) <= set(cpu.REPORTED) and facts["kernels"]["level"] == facts["level"]
     text = smolvlm("doctor", level="avx2")
     assert text.returncode == 0, text.stderr
@@ -76,7 +75,7 @@ def test_generate_at_its_default_dtype_on_every_level(level, tiny_hf_checkpoint,
         assert json.loads(ref.stdout)["token_ids"] == got["token_ids"]
 
 
-@pytest.mark.parametrize("level", ["avx2", cpu.detected_level()])
+@pytest.mark.parametrize("level", ["avx2", CPU_CEILING])
 def test_caption_and_chat_at_their_default_dtype(level, tiny_hf_checkpoint, photo, tmp_path):
     runnable(level)
     folder, _ = tiny_hf_checkpoint
@@ -93,7 +92,7 @@ def test_caption_and_chat_at_their_default_dtype(level, tiny_hf_checkpoint, phot
     assert chat.stdout.strip(), "the chat printed no answer"
 
 
-@pytest.mark.parametrize("level", ["avx2", cpu.detected_level()])
+@pytest.mark.parametrize("level", ["avx2", CPU_CEILING])
 def test_serve_at_its_default_dtype_answers_an_image_request(level, tiny_hf_checkpoint, tmp_path):
     runnable(level)
     folder, _ = tiny_hf_checkpoint

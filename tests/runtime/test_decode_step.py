@@ -6,6 +6,7 @@ built once per set of weights; not used where it does not apply."""
 import pytest
 import torch
 
+from conftest import skip_above_ceiling
 from smolvlm.lora import LoRAConfig, add_lora
 from smolvlm.models.decoder import KVCache, rope_cos_sin
 from smolvlm.models.vlm import VLM, preset
@@ -16,8 +17,7 @@ from smolvlm.runtime.quantize import quantize_model
 
 def at_level(monkeypatch, level: str) -> None:
     """Run the rest of the test on `level`'s kernels (SMOLVLM_CPU); skip a level this CPU lacks."""
-    if level not in kernels.runnable_levels():
-        pytest.skip(f"this CPU cannot run {level} (its highest level is {cpu.detected_level()})")
+    skip_above_ceiling(level)
     monkeypatch.setenv("SMOLVLM_CPU", level)
     ext = kernels.extension()
     assert ext is not None and ext.level() == level, f"the {level} kernels were not built: {kernels.status()}"

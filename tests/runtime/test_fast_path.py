@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import CPU_CEILING, levels_up_to_ceiling, skip_above_ceiling
 from reference import prompt_ids
 from smolvlm.generation import ImageEmbeddingCache, SamplingParams, generate_ids
 from smolvlm.models import vlm as vlm_module
@@ -30,8 +31,7 @@ def tiny(seed=0, dtype=torch.float32) -> VLM:
 def level(request, monkeypatch):
     """Each ISA level in turn, forced with SMOLVLM_CPU; levels above this CPU's are skipped."""
     name = request.param
-    if LEVELS.index(name) > LEVELS.index(cpu.detected_level()):
-        pytest.skip(f"this CPU tops out at {cpu.detected_level()}, so level {name} cannot run here")
+    skip_above_ceiling(name)
     monkeypatch.setenv(cpu.ENV, name)
     assert cpu.level() == name
     return name
@@ -168,7 +168,7 @@ def test_packed_onednn_linear_only_where_bf16_is_native(monkeypatch):
         monkeypatch.setenv(cpu.ENV, "avx2")  # no native bf16: oneDNN's bf16 packing must not be touched
         modules.packed_linear(x, layer, packed)
         assert packed.packed is None
-        monkeypatch.delenv(cpu.ENV)
+        monkeypatch.setenv(cpu.ENV, CPU_CEILING)  # the run's own level
         if not cpu.native_bf16():
             pytest.skip(f"this CPU has no native bf16 (level {cpu.level()}): the packed path is not used here")
         for gelu in (False, True):
@@ -201,7 +201,7 @@ def test_packed_onednn_linear_in_float32_from_avx2_up(monkeypatch):
     layer = torch.nn.Linear(64, 96)
     x = torch.randn(3, 50, 64)
     with torch.no_grad():
-        for level in cpu.LEVELS[:cpu.LEVELS.index(cpu.detected_level()) + 1]:
+        for level in levels_up_to_ceiling():
             monkeypatch.setenv(cpu.ENV, level)
             for gelu in (False, True):
                 packed = modules.PackedWeight()

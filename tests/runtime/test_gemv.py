@@ -6,15 +6,14 @@ against the same sums built in PyTorch; the per-level modules (kernels.py)."""
 import pytest
 import torch
 
-from conftest import as_two_int8s
+from conftest import as_two_int8s, skip_above_ceiling
 from smolvlm.errors import SmolVLMError
 from smolvlm.runtime import cpu, kernels
 
 
 def ext_at(level: str):
     """That level's module; a level this CPU lacks is skipped (with why), never failed."""
-    if level not in kernels.runnable_levels():
-        pytest.skip(f"this CPU cannot run {level} (its highest level is {cpu.detected_level()})")
+    skip_above_ceiling(level)
     ext = kernels.extension(level)
     assert ext is not None, f"the {level} kernels were not built: {kernels.status()}"
     assert ext.level() == level  # the module holds that level's code (common.h's SMOLVLM_LEVEL)
