@@ -423,7 +423,7 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     p.add_argument("--blind-steps", type=int, metavar="N",
                    help="train a text-only model for N steps as the blind baseline (default: the answer prior, "
-                        "each question's most common answer in the training data, the strongest blind answerer)")
+                        "each question's most common answer in the training data)")
     p.add_argument("--minutes", type=float, default=DEMO_MINUTES, metavar="M",
                    help="wall-clock budget of the whole demo: a slower CPU trains fewer of the preset's steps "
                         "(default: %(default)s; 0 = the preset's steps however long they take)")

@@ -2,8 +2,8 @@
 training data. Counted per exact question text; a text the training data never asks gets its question type's most
 common answer (the VQA paper's "per Q-type prior", Antol et al. 2015, made per question). For questions drawn as the
 training ones are, no answerer that does not see the image is right more often on average, up to the sampling
-of the counts: it is the strongest blind baseline, not a text-only network that may or may not have found the
-priors in its training steps.
+of the counts. Questions drawn otherwise (held-out colour-shape pairs) can move the answers away from the
+training ones, and there a trained text-only model may do a little better.
 
     prior = AnswerPrior.fit(questions)       # objects with .question, .qtype, .answer (smolvlm.data.shapes.Question)
     prior.answer("How many red objects are there?", "count")  # -> "2"
